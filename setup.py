@@ -1,0 +1,28 @@
+"""Build script: the Python packages plus the optional C++ selection extension `fastsel._C`.
+
+`kernels/` is installed as `fastsel.kernels`. The extension is built with torch's cpp_extension; when no
+compiler is available the build is skipped and fastsel falls back to its pure-torch selection ops at run time.
+"""
+
+from setuptools import find_packages, setup
+
+packages = [*find_packages(include=["fastsel", "fastsel.*"]), "fastsel.kernels"]
+package_dir = {"fastsel": "fastsel", "fastsel.kernels": "kernels"}
+
+ext_modules = []
+cmdclass = {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules = [CppExtension("fastsel._C", ["csrc/select.cpp"], extra_compile_args=["-O3", "-ffp-contract=off"])]
+    cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+except ImportError:  # torch missing at build time: pure-python install, JIT/fallback at run time
+    pass
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"fastsel.data": ["files/*"], "fastsel": ["py.typed"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,60 @@
+"""Tiny random-init causal LMs and batches for fast, exact tests."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 97
+
+
+def tiny_model(kind: str = "llama", *, tie: bool = False, dropout: float = 0.0, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A 2-layer random model (Llama or Qwen2) built from config: fast and exact."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=tie, attention_dropout=dropout, pad_token_id=0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    model.config._attn_implementation = "eager"
+    return model.to(dtype)
+
+
+def lora(model: torch.nn.Module, *, r: int = 4, dropout: float = 0.0, targets: list[str] | None = None,
+         rslora: bool = False, **extra) -> torch.nn.Module:
+    """Wrap `model` with PEFT LoRA; B is randomised so the B factors' gradients are not trivially structured."""
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_rslora=rslora,
+                     target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"], **extra)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft_model
+
+
+def make_batch(lengths: list[int], total: int | None = None, *, side: str = "right", seed: int = 1,
+               prompt: int = 2) -> dict[str, torch.Tensor]:
+    """Padded batch of random tokens; the first `prompt` tokens of each example are unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    total = total or max(lengths)
+    b = len(lengths)
+    ids = torch.zeros(b, total, dtype=torch.long)
+    mask = torch.zeros(b, total, dtype=torch.long)
+    labels = torch.full((b, total), -100, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tok = torch.randint(1, VOCAB, (n,), generator=g)
+        sl = slice(0, n) if side == "right" else slice(total - n, total)
+        ids[i, sl] = tok
+        mask[i, sl] = 1
+        lab = tok.clone()
+        lab[:prompt] = -100
+        labels[i, sl] = lab
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
