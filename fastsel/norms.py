@@ -63,7 +63,7 @@ def _linear_sq_norms_fn(backend: str) -> LinearSqNorms:
     return linear_math.sq_norms
 
 
-def _backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
+def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
     """Backward of `total`; return the targets' batch gradients and leave every `.grad` as it was before.
 
     Plain `.backward()` rather than `torch.autograd.grad`, because reentrant gradient checkpointing supports only
@@ -108,7 +108,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         for target in targets:
             calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
             accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn)
-        batch_grads = _backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
+        batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
 
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}

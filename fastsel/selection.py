@@ -35,6 +35,8 @@ class Selection:
     strategy: str
     short_of_candidates: bool = False  # fewer candidates than k: all candidates kept
     note: str = ""
+    local_indices: Tensor | None = None  # this rank's kept rows (selective_backward; = indices without DDP)
+    single_pass: bool | None = None  # how selective_backward formed the gradient
 
     @property
     def num_selected(self) -> int:

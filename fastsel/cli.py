@@ -1,0 +1,31 @@
+"""Command line: `fastsel demo | bench | continual` (also `python -m fastsel ...`).
+
+Each subcommand lives in its own module, which adds its arguments and runs; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("fastsel.demo", "per-example norms on the embedded SmolLM2 model: torch vs naive, and the selection"),
+    "bench": ("fastsel.bench", "benchmark the norm pass against naive, torch.func, Opacus; training overhead"),
+    "continual": ("fastsel.continual", "the paper's continual safety pipeline from a YAML config"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastsel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""torch.distributed helpers: global selection over all ranks' examples (DDP through torchrun or Accelerate).
+
+Every rank gathers all per-example losses and norms in rank order, applies the same selection to the global batch,
+and keeps its own slice; gradients of the selected examples are summed over ranks and divided by the global kept
+count, so the update equals single-process selection on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(values: Tensor) -> tuple[Tensor, int]:
+    """All ranks' 1-D `values` concatenated in rank order, and this rank's offset in the result."""
+    if not is_distributed():
+        return values, 0
+    device = values.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    local = values.detach().float().to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([local.numel()], device=device))
+    counts = [int(s) for s in sizes]
+    width = max(counts)
+    padded = torch.zeros(width, device=device)
+    padded[: local.numel()] = local
+    parts = [torch.zeros(width, device=device) for _ in counts]
+    dist.all_gather(parts, padded)
+    rank = dist.get_rank()
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).to(values.device), sum(counts[:rank])
+
+
+def shared_seed(seed: int | None) -> int:
+    """A seed every rank agrees on: the given one, else rank 0's draw."""
+    if seed is not None:
+        return seed
+    drawn = torch.randint(0, 2**62, (1,))
+    if is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        drawn = drawn.to(device)
+        dist.broadcast(drawn, src=0)
+    return int(drawn.item())
+
+
+def sum_over_ranks(tensors: list[Tensor]) -> None:
+    """In-place all-reduce (sum) of each tensor when running distributed; a no-op otherwise."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
