@@ -25,6 +25,7 @@ from fastsel import linear_math
 INSTANTIATE_BUDGET_BYTES = 256 * 2**20
 
 LinearSqNorms = Callable[[Tensor, Tensor], Tensor]
+GroupedSqNorms = Callable[[list[Tensor], list[Tensor]], Tensor]
 
 
 def as_sequence(t: Tensor, batch_size: int, what: str) -> Tensor:
@@ -64,6 +65,16 @@ def mixed_gram_sq_norms(sites: list[tuple[Tensor, Tensor]]) -> Tensor:
     return total
 
 
+def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: GroupedSqNorms) -> None:
+    """Launch all deferred direct Linear sites at once (grouped by shape inside `grouped_sq_norms`)."""
+    waiting = [acc for acc in accumulators if acc.deferred is not None]
+    if not waiting:
+        return
+    results = grouped_sq_norms([acc.deferred[0] for acc in waiting], [acc.deferred[1] for acc in waiting])
+    for acc, sq in zip(waiting, results, strict=True):
+        acc.sq, acc.deferred = sq, None
+
+
 def embedding_grads(ids: Tensor, delta: Tensor, num_rows: int) -> Tensor:
     """Per-example Embedding gradient [B, V, d] in fp32: row v = sum of delta_t over positions with id_t = v."""
     b, t, d = delta.shape
@@ -77,13 +88,15 @@ class ParamAccumulator:
     """Exact per-example squared gradient norm of one parameter from its module-call contributions."""
 
     def __init__(self, shape: tuple[int, ...], batch_size: int, expected_calls: int, keep_grads: bool,
-                 linear_sq_norms: LinearSqNorms) -> None:
+                 linear_sq_norms: LinearSqNorms, defer: bool = False) -> None:
         self.shape = shape
         self.batch_size = batch_size
         self.direct = expected_calls == 1 and not keep_grads
         self.keep_grads = keep_grads
         self.linear_sq_norms = linear_sq_norms
         self.calls = 0
+        self.defer = defer  # direct Linear sites kept for one grouped launch after backward
+        self.deferred: tuple[Tensor, Tensor] | None = None  # (input, output-grad) awaiting that launch
         self.sq: Tensor | None = None  # direct mode result
         self.grads: Tensor | None = None  # summed per-example gradients [B, *shape] (fp32)
         self.sites: list[tuple[Tensor, Tensor]] = []  # kept (a, b) factors for the mixed Gram form
@@ -108,7 +121,9 @@ class ParamAccumulator:
             a, b = as_sequence(inp, self.batch_size, "an Embedding input"), delta
         else:
             raise ValueError(f"unknown parameter role {role!r}")
-        if self.direct and role == "linear.weight":
+        if self.direct and role == "linear.weight" and self.defer:
+            self.deferred = (b, a)
+        elif self.direct and role == "linear.weight":
             self.sq = self.linear_sq_norms(b, a)
         elif self.direct and not self.instantiate_ok:
             self.sq = mixed_gram_sq_norms([(a, b)])
@@ -122,6 +137,8 @@ class ParamAccumulator:
 
     def sq_norms(self) -> Tensor | None:
         """[B] fp32 squared norms, or None if no call contributed."""
+        if self.deferred is not None:
+            raise RuntimeError("internal error: a deferred site was never launched")
         parts = []
         if self.sq is not None:
             parts.append(self.sq)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsel import linear_math
-from fastsel.accumulate import LinearSqNorms, ParamAccumulator
+from fastsel.accumulate import GroupedSqNorms, LinearSqNorms, ParamAccumulator, resolve_deferred
 from fastsel.batch import check_finite, per_example_losses, prepare_batch
 from fastsel.capture import Capture
 from fastsel.model_io import forward_logits, model_device
@@ -50,17 +50,40 @@ def resolve_backend(backend: str, model: nn.Module) -> str:
     return "triton" if model_device(model).type == "cuda" and kernels.available() else "torch"
 
 
-def _linear_sq_norms_fn(backend: str) -> LinearSqNorms:
-    if backend == "triton":
-        from fastsel import kernels
+def _valid_range(attention_mask: Tensor) -> Tensor:
+    """[B, 2] = [first, last + 1) attended position of each row: the Gram kernel skips blocks outside it."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    attended = attention_mask.bool()
+    start = torch.where(attended, positions, attention_mask.shape[1]).min(dim=1).values
+    end = torch.where(attended, positions + 1, 0).max(dim=1).values
+    return torch.stack([start, end], dim=1)
 
-        if not kernels.available():
-            raise RuntimeError(
-                "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
-                "use backend='torch'"
-            )
-        return lambda x, delta: kernels.linear_sq_norms(x, delta)[0]
-    return linear_math.sq_norms
+
+def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, GroupedSqNorms | None]:
+    """Per-site and grouped squared-norm functions of the backend (grouped only for triton)."""
+    if backend != "triton":
+        return linear_math.sq_norms, None
+    from fastsel import kernels
+
+    if not kernels.available():
+        raise RuntimeError(
+            "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); use backend='torch'"
+        )
+    seq_len = attention_mask.shape[1]
+    valid = _valid_range(attention_mask)
+
+    def ranged(t: int) -> Tensor | None:  # the token ranges apply only to sites over the batch's sequence
+        return valid if t == seq_len else None
+
+    def per_site(x: Tensor, delta: Tensor) -> Tensor:
+        return kernels.linear_sq_norms(x, delta, valid_range=ranged(x.shape[1]))[0]
+
+    def grouped(xs: list[Tensor], deltas: list[Tensor]) -> Tensor:
+        if len({x.shape[1] for x in xs}) != 1:
+            return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
+        return kernels.grouped_linear_sq_norms(xs, deltas, valid_range=ranged(xs[0].shape[1]))
+
+    return per_site, grouped
 
 
 def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
@@ -86,7 +109,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found."""
     prepared = prepare_batch(batch, model_device(model))
     batch_size = prepared["input_ids"].shape[0]
-    linear_fn = _linear_sq_norms_fn(backend)
+    linear_fn, grouped_fn = _linear_fns(backend, prepared["attention_mask"])
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -107,8 +130,11 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         capture.counting = False
         for target in targets:
             calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-            accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn)
+            accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn,
+                                                         defer=grouped_fn is not None)
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
+    if grouped_fn is not None:
+        resolve_deferred(list(accumulators.values()), grouped_fn)
 
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}

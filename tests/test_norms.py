@@ -185,3 +185,21 @@ def test_norm_pass_keep_grads_equal_naive_per_example_grads() -> None:
         grads = torch.autograd.grad(loss, list(params.values()))
         for (name, _), g in zip(params.items(), grads, strict=True):
             torch.testing.assert_close(result.per_example_grads[name][i], g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["lora-left", "full-right"])
+def test_triton_backend_matches_naive(case: str) -> None:
+    """End to end through the Triton kernels (the CPU interpreter here, compiled kernels on a GPU), grouped
+    launches, instantiate (LoRA) and Gram (full fine-tuning, short T) forms."""
+    from fastsel import kernels
+
+    if not kernels.available():
+        pytest.skip("triton not installed")
+    if case == "lora-left":
+        model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
+        batch = make_batch([7, 12, 5], side="left")
+    else:
+        model = _full_finetune(tiny_model())
+        batch = make_batch([7, 4, 5], side="right")
+    got = fastsel.grad_norms(batch, model, backend="triton")
+    assert rel_err(got, naive(batch, model)) <= 1e-5

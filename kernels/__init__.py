@@ -1,0 +1,93 @@
+"""Triton kernels of fastsel (installed as `fastsel.kernels`): exact per-example gradient norms of Linear sites.
+
+One op per file, Liger-Kernel style, kernel and launcher side by side:
+
+- `linear_norm.py`: instantiate-in-registers and T == 1 kernels, and the `linear_sq_norms` launcher;
+- `gram_norm.py`: the Gram ("ghost") kernel for short T and large m*n;
+- `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch.
+
+This package imports only torch and triton, and triton lazily: `import fastsel.kernels` works without triton
+(`available()` then says False) and the kernel modules are imported on the first kernel call, which raises a clear
+ImportError when triton is missing. Lazy import also lets TRITON_INTERPRET=1 be set any time before that first call
+(Triton reads it when a kernel is defined).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "linear_sq_norms"]
+
+_TRITON_OK: bool | None = None
+
+
+def _triton_importable() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a broken install failing at import
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def available() -> bool:
+    """True when the kernels can run here: triton importable and a CUDA device or TRITON_INTERPRET=1 (CPU)."""
+    return _triton_importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def choose_method(t: int, m: int, n: int) -> str:
+    """Cheapest exact form for T tokens and an m x n weight: 'outer' (T == 1), 'instantiate' or 'gram'.
+
+    Same rule as `fastsel.linear_math.choose_method` (re-implemented: this package never imports fastsel):
+    instantiate costs ~ T*m*n multiply-adds per example, Gram ~ T^2*(m+n); ties go to instantiate.
+    """
+    if t == 1:
+        return "outer"
+    return "instantiate" if t * m * n <= t * t * (m + n) else "gram"
+
+
+def _module(name: str) -> ModuleType:
+    if not _triton_importable():
+        raise ImportError(
+            "fastsel.kernels needs triton (pip install 'triton>=3.2'); without it use the torch backend "
+            "(fastsel.linear_math)"
+        )
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def linear_sq_norms(
+    x: Tensor,
+    delta: Tensor,
+    *,
+    method: str = "auto",
+    write_grads: bool = False,
+    valid_range: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Exact per-example ||G_i||_F^2 of a Linear site: (sq_norms [B] fp32, grads [B, m, n] fp32 or None).
+
+    x [B, T, n], delta [B, T, m]; see `linear_norm.linear_sq_norms` for methods, dtypes and `valid_range`.
+    """
+    return _module("linear_norm").linear_sq_norms(
+        x, delta, method=method, write_grads=write_grads, valid_range=valid_range
+    )
+
+
+def grouped_linear_sq_norms(
+    xs: Sequence[Tensor] | Tensor,
+    deltas: Sequence[Tensor] | Tensor,
+    *,
+    method: str = "auto",
+    valid_range: Tensor | None = None,
+) -> Tensor:
+    """Per-site, per-example ||G||_F^2 of G sites sharing the batch, one launch per shape group: [G, B] fp32."""
+    return _module("grouped").grouped_linear_sq_norms(xs, deltas, method=method, valid_range=valid_range)

@@ -1,0 +1,163 @@
+"""Gram ("ghost") form of the per-example squared gradient norm, as a Triton kernel.
+
+||G_i||_F^2 = sum_{t,s} <delta_t, delta_s> <x_t, x_s>. One program owns one (t-block, s-block) pair of one example
+and builds both T-block x T-block Gram tiles in fp32 registers with `tl.dot`, looping over the feature dims in
+chunks; it multiplies them elementwise, reduces, and atomically adds into norms_sq[b]. Only pairs with
+s-block >= t-block do work (the Gram matrices are symmetric: an off-diagonal pair counts twice), and pairs lying
+past the example's valid token range end at once. Neither a B*T*T nor a B*m*n tensor is ever materialised: the
+cost is ~T^2 (m + n) per example, cheap when T is short and m*n is large.
+
+Only the kernel and a low-level launcher live here; input checks and method choice are in `linear_norm.py`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _gram_sq_norm_kernel(
+    x_ptr,
+    d_ptr,
+    r_ptr,
+    norms_ptr,
+    T,
+    M,
+    N,
+    stride_xb,
+    stride_xt,
+    stride_xn,
+    stride_db,
+    stride_dt,
+    stride_dm,
+    stride_rb,
+    HAS_RANGE: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KN: tl.constexpr,
+    BLOCK_KM: tl.constexpr,
+):
+    """Grid (B, cdiv(T, BLOCK_T), cdiv(T, BLOCK_T)): norms_sq[b] += (2 - [tb == sb]) * sum(Gx_tile * Gd_tile)."""
+    b = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    sb = tl.program_id(2)
+    if HAS_RANGE:
+        start = tl.load(r_ptr + b * stride_rb)
+        end = tl.load(r_ptr + b * stride_rb + 1)
+    else:
+        start = 0
+        end = T
+    # Blocks are laid out from the example's first valid token, so a padded tail (or head) costs no block.
+    t_lo = start + tb * BLOCK_T
+    s_lo = start + sb * BLOCK_T
+    if (tb <= sb) & (s_lo < end):
+        offs_t = t_lo + tl.arange(0, BLOCK_T)
+        offs_s = s_lo + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        mask_s = offs_s < end
+        x_base = x_ptr + b * stride_xb
+        d_base = d_ptr + b * stride_db
+
+        gx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_KN):
+            offs_k = k0 + tl.arange(0, BLOCK_KN)
+            mask_k = offs_k < N
+            a = tl.load(
+                x_base + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xn,
+                mask=mask_t[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                x_base + offs_k[:, None] * stride_xn + offs_s[None, :] * stride_xt,
+                mask=mask_k[:, None] & mask_s[None, :],
+                other=0.0,
+            )
+            if NATIVE_DOT:  # 16-bit products are exact in fp32: tensor cores, fp32 accumulation
+                gx = tl.dot(a, c, gx)
+            else:  # "ieee": no tf32 rounding of fp32 inputs
+                gx = tl.dot(a.to(tl.float32), c.to(tl.float32), gx, input_precision="ieee")
+
+        gd = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_KM):
+            offs_k = k0 + tl.arange(0, BLOCK_KM)
+            mask_k = offs_k < M
+            a = tl.load(
+                d_base + offs_t[:, None] * stride_dt + offs_k[None, :] * stride_dm,
+                mask=mask_t[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                d_base + offs_k[:, None] * stride_dm + offs_s[None, :] * stride_dt,
+                mask=mask_k[:, None] & mask_s[None, :],
+                other=0.0,
+            )
+            if NATIVE_DOT:
+                gd = tl.dot(a, c, gd)
+            else:
+                gd = tl.dot(a.to(tl.float32), c.to(tl.float32), gd, input_precision="ieee")
+
+        partial = tl.sum(tl.sum(gx * gd, axis=1), axis=0)
+        if tb == sb:
+            tl.atomic_add(norms_ptr + b, partial)
+        else:
+            tl.atomic_add(norms_ptr + b, 2.0 * partial)
+
+
+def gram_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_KN, BLOCK_KM, num_warps) for a site: blocks >= 16 (tl.dot), powers of 2."""
+    block_t = 64 if t >= 256 else (32 if t > 16 else 16)
+    block_kn = min(64, max(16, triton.next_power_of_2(n)))
+    block_km = min(64, max(16, triton.next_power_of_2(m)))
+    return block_t, block_kn, block_km, (8 if block_t == 64 else 4)
+
+
+def launch_gram(
+    x: Tensor,
+    delta: Tensor,
+    norms: Tensor,
+    ranges: Tensor | None,
+    native_dot: bool,
+    block_t: int | None = None,
+    block_k: int | None = None,
+) -> None:
+    """Accumulate the Gram-form ||G_i||^2 into `norms` (zeroed fp32 [B]); inputs already checked by the caller.
+
+    `block_t` / `block_k` override the automatic block sizes (both powers of 2, >= 16): tests use small ones so
+    that several blocks, off-diagonal pairs and ragged edges are exercised on small shapes.
+    """
+    bsz, t, n = x.shape
+    m = delta.shape[2]
+    bt, bkn, bkm, warps = gram_blocks(t, m, n)
+    if block_t is not None:
+        bt = block_t
+    if block_k is not None:
+        bkn = bkm = block_k
+    nblk = triton.cdiv(t, bt)
+    r = ranges if ranges is not None else norms  # unused placeholder pointer when HAS_RANGE is False
+    _gram_sq_norm_kernel[(bsz, nblk, nblk)](
+        x,
+        delta,
+        r,
+        norms,
+        t,
+        m,
+        n,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        delta.stride(0),
+        delta.stride(1),
+        delta.stride(2),
+        r.stride(0) if ranges is not None else 0,
+        HAS_RANGE=ranges is not None,
+        NATIVE_DOT=native_dot,
+        BLOCK_T=bt,
+        BLOCK_KN=bkn,
+        BLOCK_KM=bkm,
+        num_warps=warps,
+    )
+
+
+__all__ = ["gram_blocks", "launch_gram"]

@@ -1,0 +1,88 @@
+"""Grouped launch: per-example squared gradient norms of many Linear sites at once, one launch per shape.
+
+All sites of one (x shape, delta shape, dtypes) group, e.g. every q_proj lora_A factor of a model, are concatenated
+along the batch dim into one [G*B, T, n] / [G*B, T, m] pair and sent to a single kernel launch; the [G*B] result is
+viewed as [G, B], so callers still get per-site (per-layer) values.
+
+Trade-off: the concatenation copies every input once (G*B*T*(n+m) elements of extra memory and one extra pass over
+them) to save G-1 launches. The alternative, a device array of per-site data pointers read inside the kernel, avoids
+the copy but needs pointer-chasing loads, which the CPU interpreter does not support. Callers that already hold
+the sites stacked can pass one [G, B, T, n] tensor (and [G, B, T, m]): a contiguous one is only viewed, no copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .linear_norm import linear_sq_norms
+
+
+def _repeat_range(valid_range: Tensor | None, g: int) -> Tensor | None:
+    """Per-example ranges shared by all sites, repeated for the G stacked copies of the batch."""
+    if valid_range is None or g == 1:
+        return valid_range
+    vr = torch.as_tensor(valid_range)
+    return vr.repeat(g) if vr.dim() == 1 else vr.repeat(g, 1)
+
+
+def grouped_linear_sq_norms(
+    xs: Sequence[Tensor] | Tensor,
+    deltas: Sequence[Tensor] | Tensor,
+    *,
+    method: str = "auto",
+    valid_range: Tensor | None = None,
+) -> Tensor:
+    """Per-site, per-example ||G||_F^2 of G sites sharing the batch: [G, B] fp32.
+
+    xs / deltas: lists of x [B, T, n] and delta [B, T, m] (site g is xs[g], deltas[g]), or stacked [G, B, T, n]
+    and [G, B, T, m] tensors. Sites are grouped by shape and dtype, one launch per group; the method is chosen
+    per group as in `linear_sq_norms`. `valid_range` ([B] or [B, 2]) is shared by all sites.
+    """
+    if isinstance(xs, Tensor) or isinstance(deltas, Tensor):
+        if not (isinstance(xs, Tensor) and isinstance(deltas, Tensor)):
+            raise ValueError("pass xs and deltas both as lists or both as stacked [G, B, T, *] tensors")
+        if xs.dim() != 4 or deltas.dim() != 4 or xs.shape[:3] != deltas.shape[:3]:
+            raise ValueError(
+                f"expected stacked xs [G, B, T, n] and deltas [G, B, T, m], got {tuple(xs.shape)} and "
+                f"{tuple(deltas.shape)}"
+            )
+        g, bsz = xs.shape[:2]
+        norms, _ = linear_sq_norms(
+            xs.reshape(g * bsz, *xs.shape[2:]),
+            deltas.reshape(g * bsz, *deltas.shape[2:]),
+            method=method,
+            valid_range=_repeat_range(valid_range, g),
+        )
+        return norms.view(g, bsz)
+
+    xs, deltas = list(xs), list(deltas)
+    if len(xs) != len(deltas) or not xs:
+        raise ValueError(f"need as many x as delta tensors, at least one: got {len(xs)} and {len(deltas)}")
+    for x, d in zip(xs, deltas, strict=True):
+        if not isinstance(x, Tensor) or not isinstance(d, Tensor) or x.dim() != 3 or d.dim() != 3:
+            raise ValueError("every site needs x [B, T, n] and delta [B, T, m] tensors")
+    bsz = xs[0].shape[0]
+    if any(x.shape[0] != bsz or d.shape[0] != bsz for x, d in zip(xs, deltas, strict=True)):
+        raise ValueError("all sites must share the batch size B")
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, d) in enumerate(zip(xs, deltas, strict=True)):
+        key = (tuple(x.shape), tuple(d.shape), x.dtype, d.dtype, x.device, d.device)
+        groups.setdefault(key, []).append(i)
+
+    out = torch.empty((len(xs), bsz), dtype=torch.float32, device=xs[0].device)
+    for idx in groups.values():
+        if len(idx) == 1:
+            x, d = xs[idx[0]], deltas[idx[0]]
+        else:
+            x = torch.cat([xs[i] for i in idx], dim=0)
+            d = torch.cat([deltas[i] for i in idx], dim=0)
+        norms, _ = linear_sq_norms(x, d, method=method, valid_range=_repeat_range(valid_range, len(idx)))
+        out[idx] = norms.view(len(idx), bsz).to(out.device)
+    return out
+
+
+__all__ = ["grouped_linear_sq_norms"]
