@@ -258,6 +258,9 @@ def test_no_silent_fallback_when_a_compiler_is_present() -> None:
         "a C++ compiler is present but the selection ops use the torch fallback: fastsel._C is not built "
         "(pip install --no-build-isolation -e .) and the JIT build failed"
     )
+    import fastsel
+
+    assert fastsel.backends()["selection"] == select_ops.implementation()
 
 
 def test_fallback_warns_once_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
