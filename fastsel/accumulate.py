@@ -26,6 +26,7 @@ INSTANTIATE_BUDGET_BYTES = 256 * 2**20
 
 LinearSqNorms = Callable[[Tensor, Tensor], Tensor]
 GroupedSqNorms = Callable[[list[Tensor], list[Tensor]], Tensor]
+LinearGrads = Callable[[Tensor, Tensor], Tensor]  # (input, output-grad) -> per-example gradients [B, out, in]
 
 
 def as_sequence(t: Tensor, batch_size: int, what: str) -> Tensor:
@@ -88,12 +89,14 @@ class ParamAccumulator:
     """Exact per-example squared gradient norm of one parameter from its module-call contributions."""
 
     def __init__(self, shape: tuple[int, ...], batch_size: int, expected_calls: int, keep_grads: bool,
-                 linear_sq_norms: LinearSqNorms, defer: bool = False) -> None:
+                 linear_sq_norms: LinearSqNorms, defer: bool = False,
+                 linear_grads: LinearGrads = linear_math.per_example_grads) -> None:
         self.shape = shape
         self.batch_size = batch_size
         self.direct = expected_calls == 1 and not keep_grads
         self.keep_grads = keep_grads
         self.linear_sq_norms = linear_sq_norms
+        self.linear_grads = linear_grads
         self.calls = 0
         self.defer = defer  # direct Linear sites kept for one grouped launch after backward
         self.deferred: tuple[Tensor, Tensor] | None = None  # (input, output-grad) awaiting that launch
@@ -129,7 +132,7 @@ class ParamAccumulator:
             self.sq = mixed_gram_sq_norms([(a, b)])
         elif self.instantiate_ok:
             if role == "linear.weight":
-                self._add_grads(linear_math.per_example_grads(b, a))
+                self._add_grads(self.linear_grads(b, a))
             else:
                 self._add_grads(embedding_grads(a, b, self.shape[0]))
         else:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsel import linear_math
-from fastsel.accumulate import GroupedSqNorms, LinearSqNorms, ParamAccumulator, resolve_deferred
+from fastsel.accumulate import GroupedSqNorms, LinearGrads, LinearSqNorms, ParamAccumulator, resolve_deferred
 from fastsel.batch import check_finite, per_example_losses, prepare_batch
 from fastsel.capture import Capture
 from fastsel.model_io import forward_logits, model_device
@@ -59,10 +59,11 @@ def _valid_range(attention_mask: Tensor) -> Tensor:
     return torch.stack([start, end], dim=1)
 
 
-def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, GroupedSqNorms | None]:
-    """Per-site and grouped squared-norm functions of the backend (grouped only for triton)."""
+def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
+    """The backend's per-site and grouped squared-norm functions (grouped only for triton) and its per-example
+    gradient function (the single-pass step keeps those)."""
     if backend != "triton":
-        return linear_math.sq_norms, None
+        return linear_math.sq_norms, None, linear_math.per_example_grads
     from fastsel import kernels
 
     if not kernels.available():
@@ -83,7 +84,11 @@ def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, Gr
             return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
         return kernels.grouped_linear_sq_norms(xs, deltas, valid_range=ranged(xs[0].shape[1]))
 
-    return per_site, grouped
+    def grads(x: Tensor, delta: Tensor) -> Tensor:
+        return kernels.linear_sq_norms(x, delta, method="instantiate", write_grads=True,
+                                       valid_range=ranged(x.shape[1]))[1]
+
+    return per_site, grouped, grads
 
 
 def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
@@ -109,7 +114,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found."""
     prepared = prepare_batch(batch, model_device(model))
     batch_size = prepared["input_ids"].shape[0]
-    linear_fn, grouped_fn = _linear_fns(backend, prepared["attention_mask"])
+    linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"])
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -131,7 +136,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         for target in targets:
             calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
             accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn,
-                                                         defer=grouped_fn is not None)
+                                                         defer=grouped_fn is not None, linear_grads=grads_fn)
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
     if grouped_fn is not None:
         resolve_deferred(list(accumulators.values()), grouped_fn)

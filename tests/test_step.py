@@ -88,3 +88,16 @@ def test_selection_matches_select() -> None:
     sel = fastsel.select(batch, model, ratio=0.2, backend="torch")
     step = fastsel.selective_backward(batch, model, ratio=0.2, backend="torch")
     assert sel.indices.tolist() == step.indices.tolist()
+
+
+def test_single_pass_with_triton_kernels_writing_per_example_grads() -> None:
+    from fastsel import kernels
+
+    if not kernels.available():
+        pytest.skip("triton not installed")
+    model = lora(tiny_model(), r=2, targets=["q_proj", "up_proj"])
+    batch = make_batch([5, 9, 7, 6, 8], side="left")
+    sel = fastsel.selective_backward(batch, model, ratio=0.4, single_pass=True, backend="triton")
+    got = grads_of(model)
+    zero(model)
+    assert_close_lists(got, reference_grads(batch, model, sel.indices.tolist()))
