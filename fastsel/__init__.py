@@ -19,6 +19,9 @@ _LAZY = {
     "Selection": ("fastsel.selection", "Selection"),
     "selective_backward": ("fastsel.step", "selective_backward"),
     "train": ("fastsel.train", "train"),
+    "TrainConfig": ("fastsel.train", "TrainConfig"),
+    "TrainResult": ("fastsel.train", "TrainResult"),
+    "CheckpointError": ("fastsel.checkpoint", "CheckpointError"),
 }
 
 __all__ = ["backends", "__version__", *_LAZY]
