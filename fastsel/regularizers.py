@@ -107,7 +107,8 @@ def anchor_parameters(model: nn.Module) -> dict[str, Tensor]:
 def _batches(data: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Tensor]], batch_size: int,
              pad_token_id: int) -> Iterable[Mapping[str, Tensor]]:
     """Yield ready batches: `data` is either batches of tensors or tokenized rows (validated, then padded)."""
-    from fastsel.train import check_dataset, collate  # train imports this module: avoid the cycle at import
+    from fastsel.data.tokenize import collate
+    from fastsel.train import check_dataset  # train imports this module: avoid the cycle at import
 
     indexable = hasattr(data, "__len__") and hasattr(data, "__getitem__") and len(data) > 0
     if indexable and isinstance(data[0], Mapping) and not isinstance(data[0].get("input_ids"), Tensor):

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fastsel import checkpoint as ckpt
 from fastsel.batch import IGNORE_INDEX, REQUIRED_KEYS, per_example_losses, prepare_batch
+from fastsel.data.tokenize import collate
 from fastsel.model_io import forward_logits, model_device
 from fastsel.norms import BACKENDS
 from fastsel.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
@@ -270,24 +271,6 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------- data order
-
-def _tokens(value: Any) -> list[int]:
-    return value.tolist() if isinstance(value, (Tensor, np.ndarray)) else list(value)
-
-
-def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
-    """Right-pad rows to the longest one: input_ids (pad_token_id), attention_mask, labels (-100 on pads)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.as_tensor(_tokens(row["input_ids"]), dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(_tokens(row["labels"]), dtype=torch.long)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
 
 class DataOrder:
     """Micro-batches of row indices: a fresh seeded permutation per epoch, consumed in `batch_size` chunks.

@@ -9,6 +9,7 @@ import torch
 from tiny import VOCAB, lora, make_batch, tiny_model
 
 from fastsel.batch import per_example_losses, prepare_batch
+from fastsel.data.tokenize import collate
 from fastsel.model_io import forward_logits
 from fastsel.regularizers import (
     anchor_parameters,
@@ -18,7 +19,6 @@ from fastsel.regularizers import (
     kl_per_example,
     kl_to_reference_loss,
 )
-from fastsel.train import collate
 
 
 @pytest.fixture(autouse=True, scope="module")

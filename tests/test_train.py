@@ -13,9 +13,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import fastsel
 from fastsel.batch import per_example_losses, prepare_batch
+from fastsel.data.tokenize import collate
 from fastsel.model_io import forward_logits
 from fastsel.regularizers import ewc_penalty, kl_to_reference_loss
-from fastsel.train import TrainConfig, _checkpointing_on, collate, train
+from fastsel.train import TrainConfig, _checkpointing_on, train
 
 STRATEGIES = ["moderate", "low", "high", "random", "full"]
 
@@ -104,7 +105,7 @@ def manual_reference(model, rows, *, strategy, batch_size, ratio, grad_accum, st
                 sel = fastsel.select(batch, model, ratio=ratio, strategy=strategy, seed=seed_m) \
                     if strategy != "full" else None
                 keep = sel.indices if sel is not None else torch.arange(len(chosen))
-                sub = prepare_batch({k: v[keep] for k, v in batch.items()})
+                sub = prepare_batch({k: batch[k][keep] for k in ("input_ids", "attention_mask", "labels")})
                 logits = forward_logits(model, sub)
                 loss = per_example_losses(logits, sub["labels"]).mean()
                 loss = loss + kl_coef * kl_to_reference_loss(model, sub, logits=logits)

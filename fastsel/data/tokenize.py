@@ -165,6 +165,11 @@ def pad_token_id_of(tokenizer: Any) -> int:
     return 0
 
 
+def _as_list(values: Any) -> list[int]:
+    """Token ids as a list, from a list, a tensor or a numpy array (rows of an HF Dataset with a torch format)."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 def collate(features: Sequence[dict[str, Any]], pad_token_id: int, *, padding_side: str = "right") -> dict[str, Any]:
     """Pad tokenized features into a batch: input_ids, attention_mask, labels (LongTensor [B, T]) and ids."""
     import torch
@@ -180,7 +185,7 @@ def collate(features: Sequence[dict[str, Any]], pad_token_id: int, *, padding_si
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[i, sl] = torch.tensor(f["input_ids"], dtype=torch.long)
+        ids[i, sl] = torch.as_tensor(_as_list(f["input_ids"]), dtype=torch.long)
         mask[i, sl] = 1
-        labels[i, sl] = torch.tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
+        labels[i, sl] = torch.as_tensor(_as_list(f.get("labels", f["input_ids"])), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ids": [f.get("id") for f in features]}
