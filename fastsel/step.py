@@ -29,7 +29,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 def _local_model(model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager]:
-    """Unwrap DDP: local passes run under `no_sync()` and gradients are summed over ranks by fastsel itself."""
+    """Under DDP, local passes run under `no_sync()`: fastsel sums the gradients over ranks itself."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model, model.no_sync()
     return model, contextlib.nullcontext()
