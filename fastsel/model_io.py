@@ -30,18 +30,27 @@ def _core_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def forward_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Logits [B, T, V] of `model` on a prepared batch; position_ids are passed when the model takes them."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def forward_kwargs(model: nn.Module, batch: dict[str, Tensor], *, mask: bool = True) -> dict[str, Tensor | bool]:
+    """Keyword arguments of the model call on a prepared batch: ids, the attention mask (unless `mask` is False),
+    position_ids when the model takes them, and use_cache=False for models with a KV cache."""
+    kwargs: dict[str, Tensor | bool] = {"input_ids": batch["input_ids"]}
+    if mask:
+        kwargs["attention_mask"] = batch["attention_mask"]
     if "position_ids" in batch and _accepts_position_ids(type(_core_model(model))):
         kwargs["position_ids"] = batch["position_ids"]
-    out = model(**kwargs, use_cache=False) if _takes_use_cache(model) else model(**kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    if hasattr(getattr(_core_model(model), "config", None), "use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def logits_of(out: object) -> Tensor:
+    """The logits of a model output (ModelOutput, tuple or tensor)."""
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+
+
+def forward_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Logits [B, T, V] of `model` on a prepared batch; position_ids are passed when the model takes them."""
+    logits = logits_of(model(**forward_kwargs(model, batch)))
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise TypeError("the model must return logits of shape [B, T, V] (a causal LM)")
     return logits
-
-
-def _takes_use_cache(model: nn.Module) -> bool:
-    core = _core_model(model)
-    return hasattr(getattr(core, "config", None), "use_cache")

@@ -1,0 +1,876 @@
+"""`fastsel bench`: per-example gradient norms, fastsel vs the naive loop, torch.func, Opacus; training overheads.
+
+For each shape one batch goes through every method on identical inputs; the norms are CHECKED EQUAL (relative
+difference <= 1e-4 in fp32) before any time is taken, and a disagreement fails the run naming the method. Then each
+method is timed (warmup, median over repeats with IQR and min/max; CUDA synchronized) beside a plain batched
+forward+backward of the same batch (the floor), with its peak memory. Training overheads: one epoch of Moderate-G
+vs one full-batch epoch over the same batches, and the single-pass vs two-pass `selective_backward` step.
+
+Results go to `<out>/<device slug>-<yyyymmdd>.json`; `markdown_table(path)` renders one as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.model_io import forward_kwargs, logits_of
+
+METHODS = ("plain", "naive", "vmap", "opacus", "fastsel_torch", "fastsel_triton")
+NORM_METHODS = METHODS[1:]
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max relative difference of the norms between methods
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TARGETS = {  # measured vs target in the table; never asserted
+    "cpu": {"norm_pass_over_plain": ("<=", 1.10)},
+    "cuda": {"norm_pass_over_plain": ("<=", 1.05), "moderate_epoch_over_full_epoch": ("<=", 1.05),
+             "peak_mem_over_plain": ("<=", 1.10), "naive_over_fastsel": (">=", 10.0)},
+}
+RATIO_KEYS = ("norm_pass_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
+              "moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step", "peak_mem_over_plain")
+NO_TRITON_CPU = "no GPU: Triton interpreter only"
+
+
+class BenchMismatch(RuntimeError):
+    """Two methods disagree on the per-example gradient norms: the run fails before reporting any time."""
+
+
+class Unavailable(Exception):
+    """A method cannot run here (missing package, unsupported model): reported as null with this reason."""
+
+
+# ----------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Case:
+    """One norm-pass comparison: a model, a batch shape, a LoRA rank, a dtype, and which methods to skip."""
+
+    model: str  # synthetic | smollm2 | 7b-layers
+    batch: int
+    seq: int
+    rank: int
+    dtype: str = "float32"
+    skip: dict[str, str] = field(default_factory=dict)  # method -> reason
+    gradient_checkpointing: bool = False
+    headline: bool = False
+    slow_repeats: int | None = None  # repeats for naive/vmap/opacus (None: the plan's), no warmup beyond the check
+
+    def timing(self, method: str, plan: Plan) -> tuple[int, int]:
+        """(warmup, repeats) for a method: the slow baselines may run fewer times (their ratios are large)."""
+        if self.slow_repeats is not None and method in ("naive", "vmap", "opacus"):
+            return 0, self.slow_repeats
+        return plan.warmup, plan.repeats
+
+    @property
+    def label(self) -> str:
+        gc = " +ckpt" if self.gradient_checkpointing else ""
+        return f"{self.model} B={self.batch} T={self.seq} r={self.rank} {self.dtype}{gc}"
+
+
+@dataclass
+class TrainingCase:
+    """Moderate-G epoch vs full epoch, and single vs two-pass step, over `steps` batches of one model."""
+
+    model: str
+    batch: int
+    seq: int
+    rank: int
+    steps: int
+    dtype: str = "float32"
+
+
+@dataclass
+class Plan:
+    suite: str  # quick | cpu | gpu
+    device: str
+    cases: list[Case]
+    training: TrainingCase | None
+    warmup: int = 1
+    repeats: int = 5
+    tiny: bool = False
+    models: tuple[str, ...] = ("synthetic", "smollm2", "7b-layers")
+
+
+def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_tokens: int) -> dict[str, str]:
+    """Skip the slow baselines above a token count (their norms are still checked on the first rows)."""
+    skip = {}
+    if batch * seq > naive_tokens:
+        skip["naive"] = f"skipped for time: B*T={batch * seq} > {naive_tokens} (checked on the first rows only)"
+    if batch * seq > vmap_tokens:
+        skip["vmap"] = f"skipped for time/memory: B*T={batch * seq} > {vmap_tokens}"
+    return skip
+
+
+def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
+               repeats: int | None = None, warmup: int | None = None) -> Plan:
+    """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
+
+    `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
+    so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
+    """
+    if suite not in ("quick", "cpu", "gpu"):
+        raise ValueError(f"unknown suite {suite!r}")
+    models = models or (("synthetic", "smollm2", "7b-layers") if suite == "gpu" else ("synthetic", "smollm2"))
+    cases: list[Case] = []
+    training: TrainingCase | None = None
+    if tiny:
+        dtypes = ("float32", "bfloat16") if suite == "gpu" else ("float32",)
+        for dtype in dtypes:
+            for r in (4, 8) if dtype == "float32" else (4,):
+                cases.append(Case("synthetic", 4, 16, r, dtype))
+            cases.append(Case("smollm2", 4, 16, 4, dtype, headline=dtype == "float32"))
+        if suite == "gpu":
+            cases.append(Case("smollm2", 4, 32, 4, skip={"naive": "skipped for time (tiny smoke of the budget "
+                                                                  "rule; checked on the first rows only)"}))
+            cases.append(Case("smollm2", 4, 16, 4, gradient_checkpointing=True))
+            cases.append(Case("7b-layers", 2, 16, 4))
+        training = TrainingCase("smollm2", 4, 16, 4, steps=2)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=2, tiny=True, models=models)
+    elif suite == "quick":
+        for r in (8, 16, 64):
+            cases.append(Case("synthetic", 8, 128, r))
+        cases.append(Case("smollm2", 8, 32, 16, headline=True, slow_repeats=1))
+        training = TrainingCase("smollm2", 8, 32, 16, steps=2)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=3, models=models)
+    elif suite == "cpu":
+        for b in (8, 32):
+            for t in (128, 512):
+                for r in (8, 16, 64):
+                    cases.append(Case("synthetic", b, t, r))
+        for b, t in ((8, 128), (8, 512), (32, 128)):
+            cases.append(Case("smollm2", b, t, 16, skip=_budget_skips("smollm2", b, t, naive_tokens=4096,
+                                                                        vmap_tokens=4096),
+                              headline=(b, t) == (32, 128)))
+        training = TrainingCase("smollm2", 8, 128, 16, steps=4)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=5, models=models)
+    else:
+        for dtype in ("float32", "bfloat16"):
+            for b in (8, 32, 64):
+                for t in (128, 512, 2048):
+                    for r in (8, 16, 64):
+                        cases.append(Case("synthetic", b, t, r, dtype))
+            for b in (8, 32, 64):
+                for t in (128, 512, 2048):
+                    cases.append(Case("smollm2", b, t, 16, dtype,
+                                      skip=_budget_skips("smollm2", b, t, naive_tokens=32 * 512, vmap_tokens=32 * 512),
+                                      headline=(b, t, dtype) == (32, 512, "float32")))
+        # activation checkpointing: Opacus' hooks see the recomputed forward; fastsel must still be exact
+        cases.append(Case("smollm2", 32, 512, 16, gradient_checkpointing=True))
+        cases.append(Case("smollm2", 8, 2048, 16, gradient_checkpointing=True,
+                          skip=_budget_skips("smollm2", 8, 2048, naive_tokens=32 * 512, vmap_tokens=0)))
+        for b, t in ((8, 512), (8, 2048), (32, 512)):
+            cases.append(Case("7b-layers", b, t, 16, "bfloat16",
+                              skip=_budget_skips("7b-layers", b, t, naive_tokens=8 * 512, vmap_tokens=8 * 512)))
+        training = TrainingCase("smollm2", 32, 512, 16, steps=8)
+        plan = Plan(suite, device, cases, training, warmup=2, repeats=10, models=models)
+    plan.cases = [c for c in plan.cases if c.model in models]
+    if plan.training is not None and plan.training.model not in models:
+        plan.training = None
+    if repeats is not None:
+        plan.repeats = repeats
+    if warmup is not None:
+        plan.warmup = warmup
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+class SyntheticLoRA(nn.Module):
+    """One frozen Linear(d, d) with a LoRA adapter (lora_A, lora_B) between a frozen embedding and head."""
+
+    def __init__(self, d: int, rank: int, vocab: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.base = nn.Linear(d, d, bias=False)
+        self.lora_A = nn.Linear(d, rank, bias=False)
+        self.lora_B = nn.Linear(rank, d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.scaling = 2.0
+        for module in (self.embed, self.base, self.head):
+            module.requires_grad_(False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids)
+        h = self.base(h) + self.scaling * self.lora_B(self.lora_A(h))
+        return self.head(torch.tanh(h))
+
+
+def _tiny_llama(hidden: int, inter: int, heads: int, layers: int, vocab: int, seed: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                      pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = "eager" if hidden < 256 else "sdpa"
+    return model
+
+
+class ModelCache:
+    """Builds each benchmark model once per (name, dtype) and wraps a fresh LoRA copy per rank."""
+
+    def __init__(self, device: str, tiny: bool, seed: int = 0) -> None:
+        self.device, self.tiny, self.seed = device, tiny, seed
+        self._bases: dict[tuple[str, str], nn.Module] = {}
+        self.vocab: dict[str, int] = {}
+
+    def _base(self, name: str, dtype: str) -> nn.Module:
+        key = (name, dtype)
+        if key not in self._bases:
+            if name == "smollm2" and not self.tiny:
+                from fastsel.models import load_model
+
+                base, _ = load_model("smollm2", dtype=DTYPES[dtype])
+            elif name == "smollm2":
+                base = _tiny_llama(32, 48, 4, 2, 97, self.seed)
+            elif name == "7b-layers":  # a 7B Llama's layer shapes, 2 layers, random weights
+                base = _tiny_llama(64, 172, 4, 2, 97, self.seed) if self.tiny else \
+                    _tiny_llama(4096, 11008, 32, 2, 32000, self.seed)
+            else:
+                raise ValueError(f"unknown model {name!r}")
+            self._bases[key] = base.to(device=self.device, dtype=DTYPES[dtype]).eval()
+            self.vocab[name] = base.config.vocab_size
+        return self._bases[key]
+
+    def get(self, name: str, rank: int, dtype: str) -> nn.Module:
+        """A LoRA model (r=rank on all attention and MLP projections; LoRA B random so both factors learn)."""
+        torch.manual_seed(self.seed)
+        if name == "synthetic":
+            d = 64 if self.tiny else 1024
+            self.vocab[name] = 97 if self.tiny else 256
+            model: nn.Module = SyntheticLoRA(d, rank, self.vocab[name])
+        else:
+            from fastsel.models import add_lora
+
+            model = add_lora(copy.deepcopy(self._base(name, dtype)), r=rank, seed=self.seed)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.02)
+        return model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+
+
+def bench_batch(batch: int, seq: int, vocab: int, *, seed: int = 0, prompt: int = 4) -> dict[str, Tensor]:
+    """Right-padded random batch: row 0 has T tokens, the others down to about T/2; the prompt is unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for i in range(batch):
+        mask[i, : seq - (i * seq) // (2 * batch)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def plain_step(batch: Mapping[str, Tensor], model: nn.Module) -> None:
+    """The floor: one batched forward and backward of the summed per-example losses (grads then dropped)."""
+    from fastsel.batch import per_example_losses, prepare_batch
+    from fastsel.model_io import forward_logits, model_device
+
+    prepared = prepare_batch(batch, model_device(model))
+    per_example_losses(forward_logits(model, prepared), prepared["labels"]).sum().backward()
+    _zero_grads(model)
+
+
+def naive_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+    """One forward+backward per unpadded example (fastsel's oracle backend)."""
+    from fastsel.norms import norm_pass
+
+    return norm_pass(batch, model, backend="naive").norms
+
+
+def fastsel_norms(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
+    """fastsel's one batched pass with the given backend."""
+
+    def run(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+        from fastsel.norms import norm_pass
+
+        if backend == "triton":
+            from fastsel import kernels
+
+            if not (torch.cuda.is_available() and _model_device(model).type == "cuda" and kernels.available()):
+                raise Unavailable(NO_TRITON_CPU if _model_device(model).type == "cpu" else "triton not available")
+        return norm_pass(batch, model, backend=backend).norms
+
+    return run
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    from fastsel.model_io import model_device
+
+    return model_device(model)
+
+
+def vmap_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+    """torch.func: vmap(grad(per-example loss)) over the trainable (LoRA) parameters via functional_call.
+
+    Each vmapped call sees one padded row [1, T] with its mask and its loss mask (labels -100), so every example has
+    the same length inside vmap. Attention runs eager while vmapped (SDPA's mask code branches on values). If the
+    model's mask handling still cannot be vmapped, the mask is dropped: exact for a right-padded batch, since causal
+    attention keeps pads (all after the real tokens) out of the supervised loss.
+    """
+    from fastsel.batch import prepare_batch
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise Unavailable("torch.func transforms do not compose with activation checkpointing")
+    prepared = prepare_batch(batch, _model_device(model))
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    # SDPA's mask preparation branches on tensor values, which vmap refuses: eager attention while vmapped
+    configs = {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules())
+               if getattr(c, "_attn_implementation", None) not in (None, "eager")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        return _vmap_norms(model, prepared, params)
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def _vmap_norms(model: nn.Module, prepared: Mapping[str, Tensor], params: dict[str, Tensor]) -> Tensor:
+    from torch.func import functional_call, grad, vmap
+
+    from fastsel.batch import per_example_losses
+
+    def run(use_mask: bool) -> Tensor:
+        def loss(p: dict[str, Tensor], ids: Tensor, mask: Tensor, labels: Tensor, pos: Tensor) -> Tensor:
+            row = {"input_ids": ids[None], "attention_mask": mask[None], "position_ids": pos[None]}
+            out = functional_call(model, p, args=(), kwargs=forward_kwargs(model, row, mask=use_mask),
+                                  strict=False)
+            return per_example_losses(logits_of(out), labels[None])[0]
+
+        grads = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
+            params, prepared["input_ids"], prepared["attention_mask"], prepared["labels"], prepared["position_ids"])
+        return torch.stack([g.float().flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+
+    try:
+        return run(True)
+    except Exception as first:  # noqa: BLE001 - data-dependent mask code under vmap
+        mask = prepared["attention_mask"]
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        if not right_padded:
+            raise Unavailable(f"vmap failed on the model with its attention mask: {_short(first)}") from first
+        try:
+            return run(False)
+        except Exception as second:  # noqa: BLE001
+            raise Unavailable(f"vmap failed on the model: {_short(second)}") from second
+
+
+def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+    """Opacus 1.6 ghost clipping (GradSampleModuleFastGradientClipping): per-sample norms, loss reduction 'sum'."""
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    except Exception as e:  # noqa: BLE001
+        raise Unavailable(f"opacus not installed ({type(e).__name__}); pip install opacus==1.6.0 "
+                          f"torch=={torch.__version__.split('+')[0]}") from e
+    from fastsel.batch import per_example_losses, prepare_batch
+
+    prepared = prepare_batch(batch, _model_device(model))
+    kwargs = forward_kwargs(model, prepared)
+    try:
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+                                                   max_grad_norm=1e30, use_ghost_clipping=True)
+    except Exception as e:  # noqa: BLE001
+        raise Unavailable(f"opacus refused the model: {_short(e)}") from e
+    try:
+        losses = per_example_losses(logits_of(gsm(**kwargs)), prepared["labels"])
+        losses.sum().backward()
+        norms = gsm.get_norm_sample().float().detach()
+    except Exception as e:  # noqa: BLE001
+        raise Unavailable(f"opacus failed: {_short(e)}") from e
+    finally:
+        _zero_grads(model)
+        try:
+            gsm._close()
+        except Exception:  # noqa: BLE001
+            pass
+    return norms
+
+
+METHOD_FNS: dict[str, Callable[..., Any]] = {
+    "plain": plain_step,
+    "naive": naive_norms,
+    "vmap": vmap_norms,
+    "opacus": opacus_norms,
+    "fastsel_torch": fastsel_norms("torch"),
+    "fastsel_triton": fastsel_norms("triton"),
+}
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+# ----------------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "min_s": min(times),
+            "max_s": max(times), "repeats": len(times)}
+
+
+def time_fns(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int,
+             device: str) -> dict[str, dict[str, float]]:
+    """Wall times after `warmup` rounds: median, quartiles, min, max over `repeats` rounds (seconds).
+
+    The functions are interleaved (one call of each per round), so drifting machine load hits all of them alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: _stats(values) for name, values in times.items()}
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int, repeats: int, device: str) -> dict[str, float]:
+    """`time_fns` for one function."""
+    return time_fns({"fn": fn}, warmup=warmup, repeats=repeats, device=device)["fn"]
+
+
+def measure_peak(fn: Callable[[], Any], device: str) -> tuple[Any, int | None, str]:
+    """Run `fn` once and return (its result, peak bytes above the memory live at the start, how measured).
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the CPU allocator's allocation and free events
+    recorded by torch.profiler (profile_memory=True): peak live tensor bytes during the call, not RSS.
+    """
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = fn()
+        _sync(device)
+        return out, int(torch.cuda.max_memory_allocated() - start), "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    except Exception:  # noqa: BLE001 - profiler internals differ across versions
+        return out, None, "unavailable (torch.profiler memory events not readable)"
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, int(peak), "torch.profiler CPU allocator events (peak live tensor bytes)"
+
+
+def max_rel_diff(a: Tensor, b: Tensor) -> tuple[float, int]:
+    """max_i |a_i - b_i| / |b_i| and its index."""
+    rel = (a.float().cpu() - b.float().cpu()).abs() / b.float().cpu().abs().clamp_min(1e-30)
+    i = int(rel.argmax())
+    return float(rel[i]), i
+
+
+def check_agreement(norms: Mapping[str, Tensor], rows: Mapping[str, list[int]], tol: float) -> dict[str, float]:
+    """Compare every pair of methods on their common rows; raise BenchMismatch naming the odd one(s) out.
+
+    `rows[name]` lists the examples `norms[name]` covers (all, or the first rows for the partial naive oracle).
+    A method is named when it disagrees with most of the others; with no majority, every disagreeing method is.
+    Returns each method's largest relative difference to any other.
+    """
+    names = list(norms)
+    worst = {name: 0.0 for name in names}
+    bad: dict[str, list[tuple[str, float, int]]] = {name: [] for name in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sorted(set(rows[a]) & set(rows[b]))
+            if not common:
+                continue
+            va = norms[a][[rows[a].index(r) for r in common]]
+            vb = norms[b][[rows[b].index(r) for r in common]]
+            rel, j = max_rel_diff(va, vb)
+            worst[a], worst[b] = max(worst[a], rel), max(worst[b], rel)
+            if rel > tol:
+                bad[a].append((b, rel, common[j]))
+                bad[b].append((a, rel, common[j]))
+    if any(bad.values()):
+        majority = [n for n in names if len(bad[n]) > (len(names) - 1) / 2]
+        named = majority or [n for n in names if bad[n]]
+        detail = "; ".join(f"method {n!r} disagrees with " + ", ".join(
+            f"{o!r} (max relative difference {rel:.3e} at example {ex})" for o, rel, ex in bad[n]) for n in named)
+        raise BenchMismatch(f"{detail}; tolerance {tol:g}")
+    return worst
+
+
+def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Check every method's norms against the reference, then time each and record its peak memory."""
+    model = cache.get(case.model, case.rank, case.dtype)
+    if case.gradient_checkpointing:
+        if not callable(getattr(model, "gradient_checkpointing_enable", None)):
+            raise ValueError(f"{case.model} has no gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in train mode (the models have no dropout)
+    batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
+    tol = TOLERANCE[case.dtype]
+    skipped: dict[str, str] = dict(case.skip)
+    if plan.device == "cpu" and "fastsel_triton" not in skipped:
+        skipped["fastsel_triton"] = NO_TRITON_CPU
+    results: dict[str, dict[str, Any] | None] = {}
+    norms: dict[str, Tensor] = {}
+    # 1. one call of each method: peak memory and the norms, all checked before anything is timed
+    for name in METHODS:
+        if name in skipped:
+            continue
+        fn = METHOD_FNS[name]
+        try:
+            out, peak, how = measure_peak(lambda fn=fn: fn(batch, model), plan.device)
+        except Unavailable as e:
+            skipped[name] = str(e)
+            continue
+        results[name] = {"peak_mem_bytes": peak, "peak_mem_how": how}
+        if name != "plain":
+            norms[name] = out.detach().float().cpu()
+    rows = {name: list(range(case.batch)) for name in norms}
+    ref_name = "naive"
+    if "naive" not in norms:  # naive too slow at this shape: the oracle on the first rows (norms are per example)
+        ref_name = "naive_first_rows"
+        rows[ref_name] = list(range(min(2, case.batch)))
+        sub = {k: v[rows[ref_name]] for k, v in batch.items()}
+        norms[ref_name] = METHOD_FNS["naive"](sub, model).detach().float().cpu()
+    diffs = check_agreement(norms, rows, tol)
+    # 2. timings
+    groups: dict[tuple[int, int], dict[str, Callable[[], Any]]] = {}
+    for name in results:
+        groups.setdefault(case.timing(name, plan), {})[name] = lambda fn=METHOD_FNS[name]: fn(batch, model)
+    for (warmup, repeats), fns in groups.items():
+        for name, stats in time_fns(fns, warmup=warmup, repeats=repeats, device=plan.device).items():
+            results[name].update(stats)
+    for name in results:
+        if name in diffs:
+            results[name]["max_rel_diff_vs_others"] = diffs[name]
+        log(f"  {name:<15} {results[name]['median_s'] * 1e3:10.2f} ms")
+    for name, reason in skipped.items():
+        log(f"  {name:<15} {'null':>10}    ({reason})")
+    methods = {name: results.get(name) for name in METHODS}
+    return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name,
+            "lengths": batch["attention_mask"].sum(1).tolist(), "methods": methods, "skipped": skipped}
+
+
+def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+    _zero_grads(model)
+
+
+def run_training(tc: TrainingCase, cache: ModelCache, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """One Moderate-G epoch vs one full epoch (selective_backward + AdamW over the same batches, from the same
+    weights), and one Moderate-G step single-pass vs two-pass (checked to give the same gradient)."""
+    from fastsel.step import selective_backward
+
+    model = cache.get(tc.model, tc.rank, tc.dtype)
+    vocab = cache.vocab[tc.model]
+    batches = [bench_batch(tc.batch, tc.seq, vocab, seed=cache.seed + 1 + i) for i in range(tc.steps)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def epoch(strategy: str) -> None:
+        _restore(model, state)
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        for b in batches:
+            selective_backward(b, model, strategy=strategy, ratio=0.2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def step(single: bool) -> list[Tensor]:
+        _restore(model, state)
+        selective_backward(batches[0], model, strategy="moderate", ratio=0.2, single_pass=single)
+        grads = [p.grad.detach().float().clone() for p in trainable]
+        _zero_grads(model)
+        return grads
+
+    one, two = step(True), step(False)
+    rel = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(one, two, strict=True))
+    if rel > TOLERANCE[tc.dtype]:
+        raise BenchMismatch(f"method 'single_pass' disagrees with 'two_pass': relative gradient difference "
+                            f"{rel:.3e}")
+    out: dict[str, Any] = {**asdict(tc), "single_vs_two_pass_grad_rel_diff": rel}
+    warm = 0 if plan.suite == "quick" else plan.warmup  # quick: the two checked steps above are the warmup
+    reps = max(2, plan.repeats - 1) if plan.suite == "quick" and not plan.tiny else plan.repeats
+    out.update(time_fns({"full_epoch": lambda: epoch("full"), "moderate_epoch": lambda: epoch("moderate")},
+                        warmup=warm, repeats=reps, device=plan.device))
+    out.update(time_fns({"two_pass_step": lambda: step(False), "single_pass_step": lambda: step(True)},
+                        warmup=warm, repeats=reps, device=plan.device))
+    for key in ("moderate_epoch", "full_epoch", "single_pass_step", "two_pass_step"):
+        log(f"  {key:<17} {out[key]['median_s'] * 1e3:10.2f} ms")
+    _restore(model, state)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(name: str) -> str:
+    """'AMD EPYC 7B13 64-Core Processor' -> 'amd-epyc-7b13-64-core'; 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    text = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*$", " ", name.lower())
+    text = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    return text or "unknown"
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "transformers", "peft", "opacus"):
+        try:
+            out[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001
+            out[pkg] = None
+    import fastsel
+
+    out["fastsel"] = fastsel.__version__
+    return out
+
+
+def _median(entry: Mapping[str, Any] | None, key: str = "median_s") -> float | None:
+    return None if entry is None else entry.get(key)
+
+
+def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline ratios (null, with `<key>_reason`, where a method could not run)."""
+    ratios: dict[str, Any] = {}
+    head = next((c for c in report["cases"] if c.get("headline")), report["cases"][-1] if report["cases"] else None)
+
+    def put(key: str, num: float | None, den: float | None, reason: str) -> None:
+        if num is None or den is None or den == 0:
+            ratios[key], ratios[f"{key}_reason"] = None, reason
+        else:
+            ratios[key] = num / den
+
+    if head is None:
+        for key in RATIO_KEYS[:4] + RATIO_KEYS[6:]:
+            ratios[key], ratios[f"{key}_reason"] = None, "no norm-pass case in this run"
+    else:
+        m, skipped = head["methods"], head["skipped"]
+        fast_name = "fastsel_triton" if m.get("fastsel_triton") else "fastsel_torch"
+        fast = _median(m.get(fast_name))
+        ratios["fastsel_method"] = fast_name
+        ratios["headline"] = head["label"]
+
+        def why(name: str) -> str:
+            return skipped.get(name, "not run")
+
+        put("norm_pass_over_plain", fast, _median(m.get("plain")), f"fastsel: {why(fast_name)}")
+        put("naive_over_fastsel", _median(m.get("naive")), fast, f"naive: {why('naive')}")
+        put("opacus_over_fastsel", _median(m.get("opacus")), fast, f"opacus: {why('opacus')}")
+        put("vmap_over_fastsel", _median(m.get("vmap")), fast, f"vmap: {why('vmap')}")
+        put("peak_mem_over_plain", _median(m.get(fast_name), "peak_mem_bytes"),
+            _median(m.get("plain"), "peak_mem_bytes"), "peak memory not measurable here")
+    tr = report.get("training")
+    reason = "no training case in this run"
+    put("moderate_epoch_over_full_epoch", _median(tr and tr["moderate_epoch"]), _median(tr and tr["full_epoch"]),
+        reason)
+    put("single_pass_step_over_two_pass_step", _median(tr and tr["single_pass_step"]),
+        _median(tr and tr["two_pass_step"]), reason)
+    return {k: ratios[k] for k in sorted(ratios, key=lambda k: (k.replace("_reason", "") not in RATIO_KEYS, k))}
+
+
+def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every case of `plan` and return the report (raises BenchMismatch on any disagreement)."""
+    t0 = time.perf_counter()
+    cache = ModelCache(plan.device, plan.tiny, seed)
+    report: dict[str, Any] = {
+        "schema": 1,
+        "device": slug(device_name(plan.device)),
+        "device_name": device_name(plan.device),
+        "device_type": plan.device,
+        "date": _dt.date.today().isoformat(),
+        "suite": plan.suite,
+        "tiny": plan.tiny,
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "timing": {"warmup": plan.warmup, "repeats": plan.repeats, "stat": "median; spread q1-q3 and min-max"},
+        "peak_mem_note": ("CUDA: torch.cuda.max_memory_allocated above the memory live before the call" if
+                          plan.device.startswith("cuda") else
+                          "CPU: peak of live CPU tensor bytes during the call, from torch.profiler allocator "
+                          "events (not RSS; excludes memory live before the call)"),
+        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS["cuda" if plan.device.startswith("cuda")
+                                                                       else "cpu"].items()},
+        "cases": [],
+        "training": None,
+    }
+    for case in plan.cases:
+        log(f"{case.label}")
+        report["cases"].append(run_case(case, cache, plan, log))
+    if plan.training is not None:
+        tc = plan.training
+        log(f"training: {tc.model} B={tc.batch} T={tc.seq} r={tc.rank}, {tc.steps} steps per epoch")
+        report["training"] = run_training(tc, cache, plan, log)
+    report["ratios"] = compute_ratios(report)
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """Write `<out_dir>/<device>-<yyyymmdd>.json` and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{report['device']}-{report['date'].replace('-', '')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def _fmt_time(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("median_s") is None:
+        return "null"
+    unit, k = ("s", 1.0) if entry["median_s"] >= 1 else ("ms", 1e3)
+    return f"{entry['median_s'] * k:.3g} {unit} [{entry['q1_s'] * k:.3g}–{entry['q3_s'] * k:.3g}]"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "null" if x is None else f"{x:.2f}×"
+
+
+def markdown_table(path: str | os.PathLike[str]) -> str:
+    """Render a results JSON as Markdown: the headline ratios vs targets, the norm-pass table, training."""
+    report = json.loads(Path(path).read_text())
+    v = report["versions"]
+    lines = [f"**{report['device_name']}** ({report['device_type']}, {report['threads']} threads), "
+             f"{report['date']}, suite `{report['suite']}`; torch {v['torch']}, triton {v['triton']}, "
+             f"transformers {v['transformers']}, opacus {v['opacus']}. Times: median [q1–q3] of "
+             f"{report['timing']['repeats']} after {report['timing']['warmup']} warmup.", ""]
+    ratios, targets = report["ratios"], report.get("targets", {})
+    lines += [f"Headline: {ratios.get('headline', 'n/a')} (fastsel = `{ratios.get('fastsel_method', 'n/a')}`)", "",
+              "| ratio | measured | target | |", "|---|---|---|---|"]
+    for key in RATIO_KEYS:
+        value, target = ratios.get(key), targets.get(key)
+        tgt = "" if not target else f"{target['op']} {target['value']:g}"
+        verdict = ""
+        if target and value is not None:
+            ok = value <= target["value"] if target["op"] == "<=" else value >= target["value"]
+            verdict = "met" if ok else "missed"
+        shown = _fmt_ratio(value) if value is not None else f"null ({ratios.get(key + '_reason', '')})"
+        lines.append(f"| `{key}` | {shown} | {tgt} | {verdict} |")
+    lines += ["", "| case | plain | fastsel torch | fastsel triton | naive | vmap | opacus | norm/plain | "
+              "peak mem norm/plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        m = c["methods"]
+        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
+        plain = m.get("plain")
+        over = _fmt_ratio(fast["median_s"] / plain["median_s"]) if fast and plain else "null"
+        mem = "null"
+        if fast and plain and fast.get("peak_mem_bytes") and plain.get("peak_mem_bytes"):
+            mem = _fmt_ratio(fast["peak_mem_bytes"] / plain["peak_mem_bytes"])
+        cells = [_fmt_time(m.get(k)) for k in ("plain", "fastsel_torch", "fastsel_triton", "naive", "vmap",
+                                                "opacus")]
+        lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {' | '.join(cells)} | "
+                     f"{over} | {mem} |")
+    reasons = sorted({f"{k}: {r}" for c in report["cases"] for k, r in c["skipped"].items()})
+    if reasons:
+        lines += ["", "null = not run: " + "; ".join(reasons) + "."]
+    tr = report.get("training")
+    if tr:
+        lines += ["", f"Training ({tr['model']} B={tr['batch']} T={tr['seq']} r={tr['rank']}, {tr['steps']} "
+                  "steps per epoch, selective_backward + AdamW):", "",
+                  "| | median [q1–q3] |", "|---|---|"]
+        for key in ("moderate_epoch", "full_epoch", "single_pass_step", "two_pass_step"):
+            lines.append(f"| {key.replace('_', ' ')} | {_fmt_time(tr[key])} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: Mapping[str, Any]) -> None:
+    """A plain-text summary on stdout."""
+    print(f"\n{report['device_name']} ({report['device_type']}), torch {report['versions']['torch']}")
+    print(f"{'case':<40} {'plain ms':>10} {'fastsel':>10} {'naive':>10} {'vmap':>10} {'opacus':>10}")
+    for c in report["cases"]:
+        m = c["methods"]
+        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
+        vals = [m.get("plain"), fast, m.get("naive"), m.get("vmap"), m.get("opacus")]
+        print(f"{c['label']:<40} " + " ".join(f"{x['median_s'] * 1e3:>10.2f}" if x else f"{'null':>10}"
+                                             for x in vals))
+    print("\nratios:")
+    for key in RATIO_KEYS:
+        value = report["ratios"].get(key)
+        print(f"  {key:<38} {_fmt_ratio(value) if value is not None else 'null'}"
+              + ("" if value is not None else f"  ({report['ratios'].get(key + '_reason')})"))
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (< 5 min on 2 cores)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>-<yyyymmdd>.json")
+    parser.add_argument("--model", choices=("all", "synthetic", "smollm2", "7b-layers"), default="all")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--suite", choices=("quick", "cpu", "gpu"), default=None,
+                        help="default: quick with --quick, else gpu on cuda and cpu on cpu")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run: tiny random models and shapes through the same code path")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    suite = args.suite or ("quick" if args.quick else "gpu" if device == "cuda" else "cpu")
+    models = None if args.model == "all" else (args.model,)
+    plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup)
+    torch.manual_seed(args.seed)
+    try:
+        report = run_plan(plan, seed=args.seed)
+    except BenchMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_table(report)
+    path = write_report(report, args.out)
+    print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
+    return 0

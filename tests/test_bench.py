@@ -1,0 +1,99 @@
+"""Smoke tests of `fastsel bench`: tiny random models through the real code path, the JSON schema, and a
+deliberate disagreement between methods failing the run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fastsel import bench
+from fastsel.cli import main
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_tiny_quick_suite_schema_and_markdown(tmp_path) -> None:
+    plan = bench.build_plan("quick", "cpu", tiny=True, repeats=1, warmup=0)
+    report = bench.run_plan(plan, log=_quiet)
+    path = bench.write_report(report, tmp_path)
+    assert path.name == f"{report['device']}-{report['date'].replace('-', '')}.json"
+    data = json.loads(path.read_text())
+    for key in ("device", "device_name", "versions", "cases", "training", "ratios", "timing", "targets"):
+        assert key in data
+    assert {"torch", "triton", "transformers"} <= set(data["versions"])
+    for key in bench.RATIO_KEYS:
+        assert key in data["ratios"]
+        if data["ratios"][key] is None:
+            assert data["ratios"][f"{key}_reason"]
+    assert data["ratios"]["norm_pass_over_plain"] > 0
+    assert data["ratios"]["opacus_over_fastsel"] is None or data["versions"]["opacus"]
+    case = data["cases"][0]
+    assert set(case["methods"]) == set(bench.METHODS)
+    assert case["methods"]["fastsel_triton"] is None and case["skipped"]["fastsel_triton"] == bench.NO_TRITON_CPU
+    for name, entry in case["methods"].items():
+        if entry is not None:
+            assert entry["median_s"] > 0 and entry["q1_s"] <= entry["median_s"] <= entry["q3_s"], name
+            if name != "plain":
+                assert entry["max_rel_diff_vs_others"] <= case["tolerance"]
+    table = bench.markdown_table(path)
+    assert "norm_pass_over_plain" in table and "| case |" in table and case["label"] in table
+
+
+def test_disagreement_fails_naming_the_method(monkeypatch) -> None:
+    honest = bench.METHOD_FNS["vmap"]
+
+    def off_by_a_bit(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+        out = honest(batch, model).clone()
+        out[1] *= 1.001
+        return out
+
+    monkeypatch.setitem(bench.METHOD_FNS, "vmap", off_by_a_bit)
+    plan = bench.build_plan("quick", "cpu", models=("synthetic",), tiny=True, repeats=1, warmup=0)
+    with pytest.raises(bench.BenchMismatch, match="method 'vmap' disagrees"):
+        bench.run_plan(plan, log=_quiet)
+
+
+def test_cli_exit_code_on_disagreement(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setitem(bench.METHOD_FNS, "naive", lambda batch, model: torch.ones(batch["input_ids"].shape[0]))
+    code = main(["bench", "--quick", "--tiny", "--model", "synthetic", "--repeats", "1", "--warmup", "0",
+                 "--out", str(tmp_path)])
+    assert code == 1
+    assert "method 'naive' disagrees" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_agreement_partial_reference() -> None:
+    norms = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([1.0, 2.0, 3.0]), "ref": torch.tensor([2.0])}
+    rows = {"a": [0, 1, 2], "b": [0, 1, 2], "ref": [1]}
+    assert max(bench.check_agreement(norms, rows, 1e-4).values()) == 0.0
+    norms["ref"] = torch.tensor([2.1])
+    with pytest.raises(bench.BenchMismatch, match="method 'ref'"):
+        bench.check_agreement(norms, rows, 1e-4)
+
+
+def test_gpu_suite_structure_runs_tiny_on_cpu() -> None:
+    """The GPU suite's extra paths (bf16, gradient checkpointing, 7B-shaped layers, partial naive) on tiny CPU
+    shapes, so `fastsel bench --device cuda` is not dead code here."""
+    plan = bench.build_plan("gpu", "cpu", models=("smollm2", "7b-layers"), tiny=True, repeats=1, warmup=0)
+    plan.training = None
+    report = bench.run_plan(plan, log=_quiet)
+    labels = [c["label"] for c in report["cases"]]
+    assert any("+ckpt" in x for x in labels) and any("bfloat16" in x for x in labels)
+    assert any(x.startswith("7b-layers") for x in labels)
+    ckpt = next(c for c in report["cases"] if c["gradient_checkpointing"])
+    assert ckpt["methods"]["fastsel_torch"] is not None
+    assert any(c["reference"] == "naive_first_rows" for c in report["cases"])
+    assert report["ratios"]["moderate_epoch_over_full_epoch"] is None
+    assert report["ratios"]["moderate_epoch_over_full_epoch_reason"]
+
+
+def test_slug() -> None:
+    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench.slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
+    assert bench.slug("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core"
