@@ -131,13 +131,13 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         logits = forward_logits(model, prepared)
         losses = per_example_losses(logits, prepared["labels"])
         del logits
-        check_finite(losses.detach(), "loss")
         capture.counting = False
         for target in targets:
             calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
             accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn,
                                                          defer=grouped_fn is not None, linear_grads=grads_fn)
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
+    check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
     if grouped_fn is not None:
         resolve_deferred(list(accumulators.values()), grouped_fn)
 
