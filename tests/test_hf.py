@@ -28,13 +28,7 @@ KEYS = ("input_ids", "attention_mask", "labels")
 LR = 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and far faster on a busy machine (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:

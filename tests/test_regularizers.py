@@ -20,13 +20,7 @@ from fastsel.regularizers import (
     kl_to_reference_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kl_is_zero_when_the_adapter_is_zero() -> None:

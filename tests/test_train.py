@@ -21,13 +21,7 @@ from fastsel.train import TrainConfig, _checkpointing_on, train
 STRATEGIES = ["moderate", "low", "high", "random", "full"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 contended cores run far faster on one thread; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rows(n: int, seed: int = 0, with_ids: bool = True) -> list[dict]:
