@@ -393,10 +393,13 @@ def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
 
     prepared = prepare_batch(batch, _model_device(model))
     kwargs = forward_kwargs(model, prepared)
+    was_training = model.training
+    model.train()  # Opacus records activations only in train mode (the benchmark models have dropout 0)
     try:
         gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
                                                    max_grad_norm=1e30, use_ghost_clipping=True)
     except Exception as e:  # noqa: BLE001
+        model.train(was_training)
         raise Unavailable(f"opacus refused the model: {_short(e)}") from e
     try:
         losses = per_example_losses(logits_of(gsm(**kwargs)), prepared["labels"])
@@ -410,6 +413,7 @@ def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
             gsm._close()
         except Exception:  # noqa: BLE001
             pass
+        model.train(was_training)
     return norms
 
 
