@@ -188,12 +188,15 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
 
 
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
-              backend: str = "auto", keep_grads: bool = False) -> NormPass:
-    """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend."""
+              backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None) -> NormPass:
+    """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
+
+    `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller already did it.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = resolve_backend(backend, model)
-    targets = find_targets(model, params)
+    targets = find_targets(model, params) if targets is None else targets
     if backend == "naive":
         if keep_grads:
             raise ValueError("keep_grads is not available with backend='naive'")

@@ -87,7 +87,8 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
 
     with no_sync:
         if needs_norms:
-            measured = norm_pass(batch, model, backend=resolve_backend(backend, model), keep_grads=use_single)
+            measured = norm_pass(batch, model, backend=resolve_backend(backend, model), keep_grads=use_single,
+                                 targets=targets)
             losses, norms = measured.losses, measured.norms
         else:
             prepared = prepare_batch(batch, model_device(model))
