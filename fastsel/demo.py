@@ -81,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
           f"(k = {sel.k} of {len(rows)}){'; ' + sel.note if sel.note else ''}")
     print(f"wall time: one batched norm pass {fast_s:.2f} s (plain batched forward+backward {plain_s:.2f} s, "
           f"{fast_s / plain_s:.2f}x) vs naive sequential backward {naive_s:.2f} s ({naive_s / fast_s:.1f}x)")
-    print("(on a CPU the per-example loop is not launch-bound and skips padding, so batching buys little; the "
-          "gain is on GPUs: see the benchmark table in the README)")
+    print("(on a CPU the per-example loop is compute-bound and skips padding, so batching buys little here; the "
+          "expected gain is on GPUs, where that loop is launch-bound: `fastsel bench --device cuda` measures it)")
     return 0
