@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .token_range import example_token_range
+
 
 @triton.jit
 def _gram_sq_norm_kernel(
@@ -43,12 +45,7 @@ def _gram_sq_norm_kernel(
     b = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     sb = tl.program_id(2)
-    if HAS_RANGE:
-        start = tl.load(r_ptr + b * stride_rb)
-        end = tl.load(r_ptr + b * stride_rb + 1)
-    else:
-        start = 0
-        end = T
+    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
     # Blocks are laid out from the example's first valid token, so a padded tail (or head) costs no block.
     t_lo = start + tb * BLOCK_T
     s_lo = start + sb * BLOCK_T

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import choose_method
 from .gram_norm import launch_gram
+from .token_range import example_token_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _METHODS = ("auto", "instantiate", "gram", "outer")
@@ -66,12 +67,7 @@ def _instantiate_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    if HAS_RANGE:
-        start = tl.load(r_ptr + b * stride_rb)
-        end = tl.load(r_ptr + b * stride_rb + 1)
-    else:
-        start = 0
-        end = T
+    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
