@@ -7,7 +7,7 @@ s-block >= t-block do work (the Gram matrices are symmetric: an off-diagonal pai
 past the example's valid token range end at once. Neither a B*T*T nor a B*m*n tensor is ever materialised: the
 cost is ~T^2 (m + n) per example, cheap when T is short and m*n is large.
 
-Only the kernel and a low-level launcher live here; input checks and method choice are in `linear_norm.py`.
+Only the kernel and its launch description live here; input checks and method choice are in `linear_norm.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import Launch
 from .token_range import example_token_range
 
 
@@ -110,7 +111,7 @@ def gram_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
     return block_t, block_kn, block_km, (8 if block_t == 64 else 4)
 
 
-def launch_gram(
+def gram_launch(
     x: Tensor,
     delta: Tensor,
     norms: Tensor,
@@ -118,8 +119,8 @@ def launch_gram(
     native_dot: bool,
     block_t: int | None = None,
     block_k: int | None = None,
-) -> None:
-    """Accumulate the Gram-form ||G_i||^2 into `norms` (zeroed fp32 [B]); inputs already checked by the caller.
+) -> Launch:
+    """The Gram-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [B]); inputs already checked by the caller.
 
     `block_t` / `block_k` override the automatic block sizes (both powers of 2, >= 16): tests use small ones so
     that several blocks, off-diagonal pairs and ragged edges are exercised on small shapes.
@@ -133,7 +134,7 @@ def launch_gram(
         bkn = bkm = block_k
     nblk = triton.cdiv(t, bt)
     r = ranges if ranges is not None else norms  # unused placeholder pointer when HAS_RANGE is False
-    _gram_sq_norm_kernel[(bsz, nblk, nblk)](
+    args = (
         x,
         delta,
         r,
@@ -148,13 +149,9 @@ def launch_gram(
         delta.stride(1),
         delta.stride(2),
         r.stride(0) if ranges is not None else 0,
-        HAS_RANGE=ranges is not None,
-        NATIVE_DOT=native_dot,
-        BLOCK_T=bt,
-        BLOCK_KN=bkn,
-        BLOCK_KM=bkm,
-        num_warps=warps,
     )
+    constexprs = dict(HAS_RANGE=ranges is not None, NATIVE_DOT=native_dot, BLOCK_T=bt, BLOCK_KN=bkn, BLOCK_KM=bkm)
+    return Launch(_gram_sq_norm_kernel, (bsz, nblk, nblk), args, constexprs, warps)
 
 
-__all__ = ["gram_blocks", "launch_gram"]
+__all__ = ["gram_blocks", "gram_launch"]

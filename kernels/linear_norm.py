@@ -30,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import choose_method
-from .gram_norm import launch_gram
+from .gram_norm import gram_launch
+from .launch import Launch
 from .token_range import example_token_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -197,12 +198,15 @@ def _native_dot(x: Tensor, delta: Tensor) -> bool:
     return not (_is_interpreted() and x.dtype == torch.bfloat16)
 
 
-def instantiate_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
+def instantiate_blocks(t: int, m: int, n: int, native_dot: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_M, BLOCK_N, num_warps): a side <= 128 (the LoRA rank) is one padded power-of-2 block.
 
     The other side gets 128 columns when the small block is <= 64, else 64, keeping the fp32 accumulator at
     <= 8192 values (64 registers a thread at 4 warps); two large sides are tiled 64 x 64. Every block is >= 16,
-    as tl.dot requires.
+    as tl.dot requires. Without `native_dot` (fp32 or mixed inputs) tl.dot runs as unrolled fp32 FMAs, which hold
+    many more values in registers: there BLOCK_T is 16 and 8 warps share the tile. Compiled ahead of time
+    (`aot.py`, Triton 3.6 and 3.9, sm_80/sm_90) that spills nothing, where BLOCK_T = 64 at 4 warps spilled up to
+    7 KB a thread on sm_80.
     """
     block_t = 64 if t >= 64 else (32 if t >= 32 else 16)
     pm = max(16, triton.next_power_of_2(m))
@@ -215,30 +219,32 @@ def instantiate_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
         block_m, block_n = (128 if pn <= 64 else 64), pn
     else:
         block_m, block_n = 64, 64
+    if not native_dot:
+        return 16, block_m, block_n, 8
     return block_t, block_m, block_n, 4
 
 
-# ---------------------------------------------------------------------------------------------- per-form launchers
+# ---------------------------------------------------------------------------------------------- per-form launches
 
 
-def _launch_instantiate(
+def instantiate_launch(
     x: Tensor,
     delta: Tensor,
     norms: Tensor,
     ranges: Tensor | None,
-    write_grads: bool,
+    grads: Tensor | None,
     blocks: tuple[int, int, int] | None = None,
-) -> Tensor | None:
-    """Accumulate the instantiate-form ||G_i||^2 into `norms` (zeroed fp32 [B]); return grads when asked."""
+) -> Launch:
+    """The instantiate-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [B]) and, with `grads`, writing G_i."""
     bsz, t, n = x.shape
     m = delta.shape[2]
-    bt, bm, bn, warps = instantiate_blocks(t, m, n)
+    native = _native_dot(x, delta)
+    bt, bm, bn, warps = instantiate_blocks(t, m, n, native)
     if blocks is not None:
         bt, bm, bn = blocks
-    grads = torch.empty((bsz, m, n), dtype=torch.float32, device=x.device) if write_grads else None
     g = grads if grads is not None else norms  # placeholder pointer when WRITE_GRADS is False
     r = ranges if ranges is not None else norms  # placeholder pointer when HAS_RANGE is False
-    _instantiate_kernel[(bsz, triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    args = (
         x,
         delta,
         r,
@@ -256,24 +262,30 @@ def _launch_instantiate(
         r.stride(0) if ranges is not None else 0,
         g.stride(0) if grads is not None else 0,
         g.stride(1) if grads is not None else 0,
+    )
+    constexprs = dict(
         HAS_RANGE=ranges is not None,
-        WRITE_GRADS=write_grads,
-        NATIVE_DOT=_native_dot(x, delta),
+        WRITE_GRADS=grads is not None,
+        NATIVE_DOT=native,
         BLOCK_T=bt,
         BLOCK_M=bm,
         BLOCK_N=bn,
-        num_warps=warps,
     )
-    return grads
+    grid = (bsz, triton.cdiv(m, bm), triton.cdiv(n, bn))
+    return Launch(_instantiate_kernel, grid, args, constexprs, warps)
 
 
-def _launch_outer(x: Tensor, delta: Tensor, norms: Tensor, ranges: Tensor | None) -> None:
-    """Write the T == 1 form ||delta||^2 ||x||^2 into `norms`: one program per example, no atomics."""
+def outer_block(m: int, n: int) -> int:
+    """BLOCK of the T == 1 kernel: the larger side rounded up to a power of 2, within [16, 1024]."""
+    return min(1024, max(16, triton.next_power_of_2(max(m, n))))
+
+
+def outer_launch(x: Tensor, delta: Tensor, norms: Tensor, ranges: Tensor | None) -> Launch:
+    """The T == 1 launch writing ||delta||^2 ||x||^2 into `norms`: one program per example, no atomics."""
     bsz, _, n = x.shape
     m = delta.shape[2]
-    block = min(1024, max(16, triton.next_power_of_2(max(m, n))))
     r = ranges if ranges is not None else norms
-    _outer_kernel[(bsz,)](
+    args = (
         x,
         delta,
         r,
@@ -285,10 +297,8 @@ def _launch_outer(x: Tensor, delta: Tensor, norms: Tensor, ranges: Tensor | None
         delta.stride(0),
         delta.stride(2),
         r.stride(0) if ranges is not None else 0,
-        HAS_RANGE=ranges is not None,
-        BLOCK=block,
-        num_warps=4,
     )
+    return Launch(_outer_kernel, (bsz,), args, dict(HAS_RANGE=ranges is not None, BLOCK=outer_block(m, n)), 4)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -328,15 +338,18 @@ def linear_sq_norms(
     if bsz == 0 or t == 0 or m == 0 or n == 0:  # empty sums: nothing to launch
         grads = torch.zeros((bsz, m, n), dtype=torch.float32, device=x.device) if write_grads else None
         return norms, grads
+    grads = None
     if method == "instantiate":
         blocks = (_blocks[0], _blocks[1], _blocks[2]) if _blocks is not None else None
-        return norms, _launch_instantiate(x, delta, norms, ranges, write_grads, blocks)
-    if method == "gram":
+        grads = torch.empty((bsz, m, n), dtype=torch.float32, device=x.device) if write_grads else None
+        launch = instantiate_launch(x, delta, norms, ranges, grads, blocks)
+    elif method == "gram":
         bt, bk = (_blocks[0], _blocks[1]) if _blocks is not None else (None, None)
-        launch_gram(x, delta, norms, ranges, _native_dot(x, delta), block_t=bt, block_k=bk)
-        return norms, None
-    _launch_outer(x, delta, norms, ranges)
-    return norms, None
+        launch = gram_launch(x, delta, norms, ranges, _native_dot(x, delta), block_t=bt, block_k=bk)
+    else:
+        launch = outer_launch(x, delta, norms, ranges)
+    launch()
+    return norms, grads
 
 
-__all__ = ["instantiate_blocks", "linear_sq_norms"]
+__all__ = ["instantiate_blocks", "instantiate_launch", "linear_sq_norms", "outer_block", "outer_launch"]

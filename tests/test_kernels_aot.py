@@ -1,0 +1,70 @@
+"""fastsel.kernels.aot: the Triton kernels compile for real GPU targets (sm_80, sm_90) on this CPU-only machine.
+
+The interpreter tests (test_kernels.py) check what the kernels compute; these check that Triton's code generator
+and ptxas accept them and that each launch fits an SM's shared memory, which only a real compilation shows.
+The compilation runs in a subprocess: conftest.py sets TRITON_INTERPRET=1 for this process, and interpreted
+kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def _run_aot(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "fastsel.kernels.aot", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton wheel ships no ptxas")
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
+    out = tmp_path / "aot.json"
+    proc = _run_aot("--quick", "--arch", "80", "90", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kernels = {k["kernel"] for k in report["kernels"]}
+    assert kernels == {"_instantiate_kernel", "_gram_sq_norm_kernel", "_outer_kernel"}
+    assert any(k["constexprs"].get("WRITE_GRADS") for k in report["kernels"])  # the single-pass variant
+    for k in report["kernels"]:
+        for arch, res in k["targets"].items():
+            assert res["ok"], f"{k['kernel']} {k['constexprs']} {arch}: {res.get('error')}"
+            assert res["shared_fits"], f"{k['kernel']} {k['constexprs']} {arch}: {res['shared_bytes']} B shared"
+            assert res["registers"] and 0 < res["registers"] <= 255
+    assert report["summary"]["failed"] == [] and report["summary"]["shared_overflow"] == []
+
+
+def test_refuses_interpreted_kernels() -> None:
+    proc = _run_aot("--quick", interpret=True)
+    assert proc.returncode == 2
+    assert "TRITON_INTERPRET" in proc.stderr
+
+
+def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What aot.py compiles is what the launcher runs: same kernel, constexprs, warps and grid for one site."""
+    import torch
+    from fastsel.kernels import aot, linear_norm
+    from fastsel.kernels.launch import Launch
+
+    ran: list[Launch] = []
+    monkeypatch.setattr(Launch, "__call__", lambda self: ran.append(self))
+    x = torch.randn(2, 40, 24)
+    delta = torch.randn(2, 40, 8)
+    for method, write in (("instantiate", False), ("instantiate", True), ("gram", False)):
+        linear_norm.linear_sq_norms(x, delta, method=method, write_grads=write, valid_range=torch.tensor([40, 7]))
+        site = aot.Site("t", 40, 8, 24, method=method, has_range=True, write_grads=write)
+        planned = aot.site_launch(site)
+        assert ran[-1].kernel is planned.kernel
+        assert ran[-1].constexprs == planned.constexprs and ran[-1].num_warps == planned.num_warps
+        assert ran[-1].grid == planned.grid
