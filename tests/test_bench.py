@@ -113,3 +113,28 @@ def test_readme_tables_match_the_committed_json() -> None:
         for json_path, body in blocks:
             assert (root / json_path).is_file(), json_path
             assert body.strip() == bench.markdown_table(root / json_path).strip(), f"{readme}: stale table"
+
+
+def test_random_weights_smollm2_never_reads_the_embedded_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--random-weights: SmolLM2's architecture, seeded random weights, and the GGUF loader is never called."""
+    import fastsel.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model must not run with random_weights")
+
+    monkeypatch.setattr(fastsel.models, "load_model", refuse)
+    cache = bench.ModelCache("cpu", tiny=False, seed=0, random_weights=True)
+    base = cache._base("smollm2", "float32")
+    assert (base.config.hidden_size, base.config.num_hidden_layers, base.config.vocab_size) == (576, 30, 49152)
+    again = bench.ModelCache("cpu", tiny=False, seed=0, random_weights=True)._base("smollm2", "float32")
+    assert torch.equal(base.model.embed_tokens.weight, again.model.embed_tokens.weight)  # seeded
+
+
+def test_plan_filters_by_batch_and_length() -> None:
+    """--batch/--seq keep one device call's share of the GPU grid, every model and dtype of those shapes."""
+    full = bench.build_plan("gpu", "cuda")
+    plan = bench.build_plan("gpu", "cuda", batches=(32,), seqs=(512,))
+    assert plan.cases and all((c.batch, c.seq) == (32, 512) for c in plan.cases)
+    assert plan.cases == [c for c in full.cases if (c.batch, c.seq) == (32, 512)]
+    assert {c.model for c in plan.cases} == {"synthetic", "smollm2", "7b-layers"}
+    assert any(c.headline for c in plan.cases) and any(c.gradient_checkpointing for c in plan.cases)

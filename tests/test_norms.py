@@ -201,5 +201,8 @@ def test_triton_backend_matches_naive(case: str) -> None:
     else:
         model = _full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")
+    if torch.cuda.is_available():  # compiled kernels need CUDA tensors (the interpreter runs on CPU ones)
+        model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
     got = fastsel.grad_norms(batch, model, backend="triton")
+    assert got.device == batch["input_ids"].device
     assert rel_err(got, naive(batch, model)) <= 1e-5

@@ -32,3 +32,21 @@ def test_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
     got = fastsel.grad_norms(batch, model, backend="torch")
     expected = fastsel.grad_norms(batch, model, backend="naive")
     assert float(((got - expected).abs() / expected).max()) <= 1e-4
+
+
+def test_smollm2_config_is_the_embedded_architecture(smollm2) -> None:
+    """The random-weight stand-in (GPU benchmarks without the GGUF file) has exactly the embedded model's shapes."""
+    from fastsel.models import random_model, smollm2_config
+
+    model, _ = smollm2
+    embedded = model.get_base_model()
+    config = smollm2_config()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(config, key) == getattr(embedded.config, key), key
+    assert abs(config.rms_norm_eps - embedded.config.rms_norm_eps) < 1e-9
+    twin = random_model(config, seed=0)
+    got = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    expected = {n.replace(".base_layer", ""): tuple(p.shape) for n, p in embedded.named_parameters()
+                if "lora_" not in n}
+    assert got == expected
