@@ -206,3 +206,32 @@ def test_triton_backend_matches_naive(case: str) -> None:
     got = fastsel.grad_norms(batch, model, backend="triton")
     assert got.device == batch["input_ids"].device
     assert rel_err(got, naive(batch, model)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_backward_or_norm_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward with its capture hooks and the grouped kernel launches after it never wait on the GPU
+    (torch.cuda sync debug mode 'error' raises on any device-to-host copy or synchronize)."""
+    from fastsel import kernels, norms
+
+    if not kernels.available():
+        pytest.skip("triton not installed")
+
+    def strict(fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
+
+    model = lora(tiny_model(), r=4).cuda()
+    batch = {k: v.cuda() for k, v in make_batch([7, 12, 5], side="left").items()}
+    expected = fastsel.grad_norms(batch, model, backend="triton")  # first call compiles the kernels
+    monkeypatch.setattr(norms, "backward_keeping_grads", strict(norms.backward_keeping_grads))
+    monkeypatch.setattr(norms, "resolve_deferred", strict(norms.resolve_deferred))
+    got = fastsel.grad_norms(batch, model, backend="triton")
+    torch.testing.assert_close(got, expected)
