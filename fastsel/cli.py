@@ -1,4 +1,4 @@
-"""Command line: `fastsel demo | bench | continual` (also `python -m fastsel ...`).
+"""Command line: `fastsel demo | bench | bench-kernels | continual` (also `python -m fastsel ...`).
 
 Each subcommand lives in its own module, which adds its arguments and runs; this file only dispatches.
 """
@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("fastsel.demo", "per-example norms on the embedded SmolLM2 model: torch vs naive, and the selection"),
     "bench": ("fastsel.bench", "benchmark the norm pass against naive, torch.func, Opacus; training overhead"),
+    "bench-kernels": ("fastsel.bench_kernels", "per-layer microbenchmark of the norm ops: Triton kernels vs torch"),
     "continual": ("fastsel.continual", "the paper's continual safety pipeline from a YAML config"),
 }
 
