@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": ("fastsel.train", "TrainConfig"),
     "TrainResult": ("fastsel.train", "TrainResult"),
     "CheckpointError": ("fastsel.checkpoint", "CheckpointError"),
+    "UnreducedGradientError": ("fastsel.step", "UnreducedGradientError"),
 }
 
 __all__ = ["backends", "__version__", *_LAZY]

@@ -52,3 +52,8 @@ def sum_over_ranks(tensors: list[Tensor]) -> None:
         return
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def world_size() -> int:
+    """Number of ranks (1 without an initialized process group)."""
+    return dist.get_world_size() if is_distributed() else 1

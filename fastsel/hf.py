@@ -11,7 +11,9 @@ What changes: `training_step` calls `fastsel.selective_backward` instead of `com
 micro-batch's examples are measured (loss, exact gradient norm), Algorithm 1 keeps `ratio` of them, and `.grad`
 receives (1 / accumulation steps) x the gradient of the *mean per-example loss over the kept examples*; the optimizer
 step, clipping, scheduler, logging and checkpointing stay the Trainer's. Under DDP (torchrun / accelerate launch) the
-selection is global over all ranks' micro-batches and fastsel sums the gradients over ranks itself.
+selection is global over all ranks' micro-batches and fastsel averages the gradients over ranks itself, once per
+optimizer step: only the micro-batch that ends the accumulation window (accelerate's `sync_gradients`) passes
+`sync=True` to `selective_backward`; the earlier ones add their local share to `.grad` unreduced, as DDP does.
 
 Loss scaling: Trainer divides a micro-batch loss by the number of accumulated micro-batches, unless it was given
 `num_items_in_batch` (a token count over the whole accumulation window), in which case the loss is a token sum over
@@ -34,11 +36,12 @@ takes its logits, so TRL's fused / chunked LM-head losses (`loss_type="nll"` wit
 `"chunked_nll"`) are bypassed and work; losses fastsel cannot reproduce (TRL `loss_type="dft"`, label smoothing, a
 `compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP, Megatron-LM, XLA and `nn.DataParallel`.
 
-Costs and limits: unpacked sequences are padded, so packing saves no compute inside fastsel's passes. Under DDP with
-gradient accumulation fastsel all-reduces the kept gradients every micro-batch (DDP would once per optimizer step),
-and the ids are all-gathered as Python objects every micro-step. A user `compute_loss` override is bypassed (warned).
-The fp16 GradScaler path mirrors `accelerator.backward` but has only been exercised on CPU without fp16; with an
-IterableDataset and accelerate's `dispatch_batches`, a string id column may not survive batch dispatching.
+Costs and limits: unpacked sequences are padded, so packing saves no compute inside fastsel's passes. Under DDP
+every micro-step still gathers the examples' losses and gradient norms (global selection needs them; B floats)
+and all-gathers the ids as Python objects; the gradients are all-reduced once per optimizer step. A user
+`compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors `accelerator.backward` but has only
+been exercised on CPU without fp16; with an IterableDataset and accelerate's `dispatch_batches`, a string id column
+may not survive batch dispatching.
 """
 
 from __future__ import annotations
@@ -401,6 +404,7 @@ class SelectionTrainerMixin:
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None and scaler.is_enabled():  # fp16: what accelerator.backward's scaler.scale does
                 scale *= float(scaler.scale(torch.ones((), device=self.args.device)))  # (also inits its scale)
+            sync = bool(getattr(self.accelerator, "sync_gradients", True))  # False: not the window's last
             seed = None
             if cfg.seed is not None:
                 seed = cfg.seed + self.state.global_step * self.args.gradient_accumulation_steps + micro
@@ -409,7 +413,7 @@ class SelectionTrainerMixin:
                     selection = selective_backward(
                         batch, model, ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
                         single_pass=cfg.single_pass, seed=seed, scale=scale, backend=cfg.backend,
-                        memory_budget_bytes=cfg.memory_budget_bytes)
+                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync)
                 except TypeError as e:
                     if "must return logits" not in str(e):
                         raise

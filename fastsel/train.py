@@ -582,7 +582,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                     else:
                         selection = selective_backward(batch, model, ratio=cfg.ratio, strategy=cfg.strategy,
                                                        loss_band=cfg.loss_band, single_pass=cfg.single_pass,
-                                                       seed=seed, scale=1.0 / n_micro, backend=cfg.backend)
+                                                       seed=seed, scale=1.0 / n_micro, backend=cfg.backend,
+                                                       sync=m == n_micro - 1)  # DDP: reduce once per step
                 mask = selection.mask.tolist()
                 losses = selection.losses.tolist()
                 kept_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if keep]

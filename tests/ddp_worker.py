@@ -3,13 +3,18 @@
 Run as `python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR CASE [CASE ...]`. For every
 case each rank wraps the same tiny LoRA model in DistributedDataParallel, takes its rows of the case's batch, calls
 `selective_backward` and one AdamW step, and saves `OUT_DIR/<case>_rank<r>.pt` (selection, gradients, trainable
-parameters). Case `trainer`: one step of fastsel.hf.SelectiveTrainer under DDP (accelerate MULTI_CPU).
+parameters). Case `trainer`: one step of fastsel.hf.SelectiveTrainer under DDP (accelerate MULTI_CPU); `accum`:
+selective_backward over an accumulation window of ACCUM_MICRO micro-batches for each sync pattern of ACCUM_SYNC,
+counting the gradient all-reduces per micro-batch; `trainer_accum`: one SelectiveTrainer step of ACCUM_STEPS
+micro-batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +39,20 @@ CASES: dict[str, dict[str, Any]] = {
     "moderate_single_k1": dict(strategy="moderate", single_pass=True, sizes=(5, 5), ratio=0.1),
     "moderate_two_pass_k1": dict(strategy="moderate", single_pass=False, sizes=(5, 5), ratio=0.1),
 }
+# Accumulation window: per micro-batch the selective_backward options (every code path: single pass, two pass, no
+# norms) and the ranks' row counts; `empty_last` keeps no example in the last (syncing) micro-batch (loss_band=0).
+ACCUM_MICRO: list[dict[str, Any]] = [
+    dict(strategy="moderate", single_pass=True, sizes=(5, 4), ratio=0.3),
+    dict(strategy="moderate", single_pass=False, sizes=(4, 6), ratio=0.3),
+    dict(strategy="random", single_pass="auto", sizes=(6, 6), ratio=0.25, seed=11),
+]
+ACCUM_SYNC: dict[str, tuple[bool, ...]] = {
+    "every": (True, True, True),  # the non-deferred reference
+    "deferred": (False, False, True),
+    "mixed": (True, False, True),  # .grad already holds a reduced gradient when deferral starts
+    "empty_last": (False, False, True),
+}
+ACCUM_STEPS = 3  # gradient_accumulation_steps of the `trainer_accum` case
 LR = 1e-2
 RNG_SEED = 1234  # torch.manual_seed right before the step (strategy 'random' without a seed draws from it)
 
@@ -96,6 +115,89 @@ def run_case(name: str, out_dir: str) -> None:
     dist.barrier()
 
 
+def accum_batch(micro: int) -> dict[str, torch.Tensor]:
+    """Micro-batch `micro` of the accumulation window (all ranks' rows, in rank order)."""
+    total = sum(ACCUM_MICRO[micro]["sizes"])
+    return make_batch([5 + (5 * i + micro) % 8 for i in range(total)], side="right", seed=100 + micro)
+
+
+def accum_kwargs(pattern: str, micro: int) -> dict[str, Any]:
+    opts = ACCUM_MICRO[micro]
+    band = 0.0 if pattern == "empty_last" and micro == len(ACCUM_MICRO) - 1 else 1.0
+    return dict(ratio=opts["ratio"], strategy=opts["strategy"], single_pass=opts["single_pass"],
+                seed=opts.get("seed"), scale=1.0 / len(ACCUM_MICRO), backend="torch", loss_band=band)
+
+
+@contextlib.contextmanager
+def count_gradient_reductions() -> Iterator[dict[str, int]]:
+    """Count calls of fastsel.distributed.sum_over_ranks and of torch.distributed.all_reduce (patched meanwhile)."""
+    from fastsel import distributed
+
+    counter = {"sum_over_ranks": 0, "all_reduce": 0}
+    sum_over_ranks, all_reduce = distributed.sum_over_ranks, dist.all_reduce
+
+    def counting_sum(tensors: list[torch.Tensor]) -> None:
+        counter["sum_over_ranks"] += 1
+        sum_over_ranks(tensors)
+
+    def counting_all_reduce(*args: Any, **kwargs: Any) -> Any:
+        counter["all_reduce"] += 1
+        return all_reduce(*args, **kwargs)
+
+    distributed.sum_over_ranks, dist.all_reduce = counting_sum, counting_all_reduce
+    try:
+        yield counter
+    finally:
+        distributed.sum_over_ranks, dist.all_reduce = sum_over_ranks, all_reduce
+
+
+def accum_shard(micro: int, rank: int) -> dict[str, torch.Tensor]:
+    sizes = ACCUM_MICRO[micro]["sizes"]
+    start = sum(sizes[:rank])
+    return {k: v[start:start + sizes[rank]] for k, v in accum_batch(micro).items()}
+
+
+def run_accumulation(out_dir: str) -> None:
+    """One accumulation window per ACCUM_SYNC pattern; then the misuse guard after a window left unreduced."""
+    from fastsel.step import UnreducedGradientError, has_deferred_gradients
+
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(case_model())
+    results: dict[str, Any] = {}
+    with count_gradient_reductions() as counter:
+        for pattern, syncs in ACCUM_SYNC.items():
+            model.zero_grad(set_to_none=True)
+            indices, reductions, all_reduces = [], [], []
+            for micro, sync in enumerate(syncs):
+                before = dict(counter)
+                selection = fastsel.selective_backward(accum_shard(micro, rank), model, sync=sync,
+                                                       **accum_kwargs(pattern, micro))
+                indices.append(selection.indices.tolist())
+                reductions.append(counter["sum_over_ranks"] - before["sum_over_ranks"])
+                all_reduces.append(counter["all_reduce"] - before["all_reduce"])
+            results[pattern] = {"indices": indices, "sum_over_ranks": reductions, "all_reduce": all_reduces,
+                                "grads": {n.removeprefix("module."): p.grad.clone()
+                                          for n, p in model.named_parameters() if p.requires_grad},
+                                "deferred_after": has_deferred_gradients(model)}
+    # misuse: an optimizer step after sync=False calls only must raise, not apply a rank-local gradient
+    model.zero_grad(set_to_none=True)
+    fastsel.selective_backward(accum_shard(0, rank), model, sync=False, **accum_kwargs("deferred", 0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    params_before = trainable_state(model)
+    try:
+        optimizer.step()
+        message = "no error"
+    except UnreducedGradientError as e:
+        message = str(e)
+    unchanged = all(torch.equal(p, params_before[n]) for n, p in trainable_state(model).items())
+    model.zero_grad(set_to_none=True)  # drops the window: stepping is allowed again
+    optimizer.step()
+    results["guard"] = {"message": message, "params_unchanged": unchanged,
+                        "deferred_after_zero_grad": has_deferred_gradients(model)}
+    torch.save(results, os.path.join(out_dir, f"accum_rank{rank}.pt"))
+    dist.barrier()
+
+
 def trainer_rows() -> list[dict[str, Any]]:
     """16 examples with ids for the Trainer case."""
     g = torch.Generator().manual_seed(5)
@@ -113,8 +215,9 @@ def pad_collator(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
-def run_trainer(out_dir: str) -> None:
-    """SelectiveTrainer under DDP (accelerate MULTI_CPU): one optimizer step of 2 ranks x 4 examples."""
+def run_trainer(out_dir: str, accumulation: int = 1) -> None:
+    """SelectiveTrainer under DDP (accelerate MULTI_CPU): one optimizer step of 2 ranks x 4 examples, or of
+    `accumulation` micro-batches of 2 ranks x 2 examples (recording during which micro-step gradients are reduced)."""
     from datasets import Dataset
     from transformers import TrainerCallback, TrainingArguments
 
@@ -127,17 +230,33 @@ def run_trainer(out_dir: str) -> None:
             grads.update({n.removeprefix("module."): p.grad.clone()
                           for n, p in model.named_parameters() if p.requires_grad})
 
+    from fastsel import distributed
+
+    name = "trainer" if accumulation == 1 else "trainer_accum"
     model = case_model()
-    args = TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), per_device_train_batch_size=4,
+    args = TrainingArguments(output_dir=os.path.join(out_dir, name),
+                             per_device_train_batch_size=4 if accumulation == 1 else 2,
+                             gradient_accumulation_steps=accumulation,
                              max_steps=1, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=True,
                              disable_tqdm=True, optim="adamw_torch", seed=0, logging_steps=1)
     trainer = SelectiveTrainer(model=model, args=args, train_dataset=Dataset.from_list(trainer_rows()),
                                data_collator=pad_collator, fastsel_config=SelectionConfig(ratio=0.25),
                                callbacks=[Capture()])
-    trainer.train()
+    reduced_at: list[int] = []  # micro-step of every gradient all-reduce: fastsel_log grows after each micro-step
+    sum_over_ranks = distributed.sum_over_ranks
+
+    def counting(tensors: list[torch.Tensor]) -> None:
+        reduced_at.append(len(trainer.fastsel_log))
+        sum_over_ranks(tensors)
+
+    distributed.sum_over_ranks = counting
+    try:
+        trainer.train()
+    finally:
+        distributed.sum_over_ranks = sum_over_ranks
     torch.save({"log": trainer.fastsel_log, "grads": grads, "params": trainable_state(model),
-                "distributed_type": str(trainer.accelerator.distributed_type)},
-               os.path.join(out_dir, f"trainer_rank{dist.get_rank()}.pt"))
+                "distributed_type": str(trainer.accelerator.distributed_type), "reduced_at": reduced_at},
+               os.path.join(out_dir, f"{name}_rank{dist.get_rank()}.pt"))
     dist.barrier()
 
 
@@ -149,6 +268,10 @@ def main(argv: list[str]) -> int:
         for name in names:
             if name == "trainer":
                 run_trainer(out_dir)
+            elif name == "trainer_accum":
+                run_trainer(out_dir, accumulation=ACCUM_STEPS)
+            elif name == "accum":
+                run_accumulation(out_dir)
             else:
                 run_case(name, out_dir)
     finally:

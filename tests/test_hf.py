@@ -146,9 +146,19 @@ def test_trainer_step_equals_select_and_manual_step(tmp_path, single_pass, check
         assert rel(got[name].detach() - start[name], p.detach() - start[name]) <= 1e-5, name
 
 
-def test_gradient_accumulation_two_micro_batches(tmp_path) -> None:
+def test_gradient_accumulation_two_micro_batches(tmp_path, monkeypatch) -> None:
     """GA=2: the accumulated gradient is 1/2 (grad of kept-mean loss, micro-batch 1 + micro-batch 2); the
-    Trainer's num_items_in_batch (a token count over all candidates) plays no part."""
+    Trainer's num_items_in_batch (a token count over all candidates) plays no part. Only the window's last
+    micro-batch passes sync=True (under DDP the one gradient all-reduce of the step)."""
+    import fastsel.hf
+
+    syncs: list[bool] = []
+
+    def spy(*args: Any, sync: bool = True, **kwargs: Any) -> fastsel.Selection:
+        syncs.append(sync)
+        return fastsel.selective_backward(*args, sync=sync, **kwargs)
+
+    monkeypatch.setattr(fastsel.hf, "selective_backward", spy)
     rows = token_rows(16, seed=2)
     model, ref = new_model(), new_model()
     capture = GradCapture()
@@ -159,6 +169,7 @@ def test_gradient_accumulation_two_micro_batches(tmp_path) -> None:
     trainer.train()
     log = trainer.fastsel_log
     assert [(e["step"], e["micro_step"]) for e in log] == [(0, 0), (0, 1)]
+    assert syncs == [False, True]
 
     params = trainable(ref)
     total = 0.0

@@ -101,3 +101,35 @@ def test_single_pass_with_triton_kernels_writing_per_example_grads() -> None:
     got = grads_of(model)
     zero(model)
     assert_close_lists(got, reference_grads(batch, model, sel.indices.tolist()))
+
+
+def test_deferred_sync_single_process_and_the_unreduced_step_guard() -> None:
+    """sync=False changes nothing in one process except the bookkeeping: an optimizer step before the window's
+    sync=True call raises (the misuse DDP would turn into rank-divergent gradients); zero_grad drops the window."""
+    from fastsel.step import UnreducedGradientError, has_deferred_gradients
+
+    model = lora(tiny_model(), r=2)
+    batches = [make_batch([5, 9, 7, 6, 8], seed=s) for s in (5, 6, 7)]
+    optimizer = torch.optim.SGD([p for _, p in trainable(model)], lr=0.1)
+    for b in batches:
+        fastsel.selective_backward(b, model, ratio=0.4, scale=1 / 3)
+    expected = grads_of(model)
+    zero(model)
+    for i, b in enumerate(batches):
+        fastsel.selective_backward(b, model, ratio=0.4, scale=1 / 3, sync=i == len(batches) - 1)
+        assert has_deferred_gradients(model) is (i < len(batches) - 1)
+        if i == 0:
+            before = grads_of(model)
+            with pytest.raises(UnreducedGradientError, match="sync=True"):
+                optimizer.step()
+            assert_close_lists(grads_of(model), before, rtol=0)  # nothing stepped, nothing changed
+    assert_close_lists(grads_of(model), expected, rtol=0)
+    optimizer.step()  # the window ended with sync=True: allowed
+    fastsel.selective_backward(batches[0], model, ratio=0.4, sync=False)
+    optimizer.zero_grad(set_to_none=True)  # an abandoned window
+    assert not has_deferred_gradients(model)
+    optimizer.step()
+    with pytest.raises(TypeError, match="sync must be a bool"):
+        fastsel.selective_backward(batches[0], model, sync=None)
+    fastsel.selective_backward(batches[0], model, ratio=0.4)  # sync=True forgets the stale entries
+    assert fastsel.step._GUARD is None  # the optimizer hook is gone once nothing is deferred
