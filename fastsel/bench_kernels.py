@@ -252,14 +252,14 @@ def triton_status(device: str) -> tuple[str | None, bool]:
     """(why the kernels cannot run here or None, whether they run in the CPU interpreter)."""
     from fastsel import kernels
 
-    if not kernels._triton_importable():
+    if not kernels.installed():
         return "triton not installed (pip install 'triton>=3.2')", False
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("no GPU: the Triton kernels run on a CPU only in the interpreter (set TRITON_INTERPRET=1; "
                 "its times are meaningless)"), False
     if not kernels.available():
         return "triton not available on this device", False
-    interpreted = bool(kernels._module("linear_norm")._is_interpreted())
+    interpreted = kernels.interpreted()
     if device == "cpu" and not interpreted:
         return ("the kernels were compiled for a GPU before TRITON_INTERPRET=1 was set (set it before the "
                 "first kernel call)"), False

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "linear_sq_norms"]
+__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "installed", "interpreted", "linear_sq_norms"]
 
 _TRITON_OK: bool | None = None
 
@@ -36,6 +36,16 @@ def _triton_importable() -> bool:
         except Exception:  # ImportError, or a broken install failing at import
             _TRITON_OK = False
     return _TRITON_OK
+
+
+def installed() -> bool:
+    """True when triton imports (whether or not there is a device to run the kernels on)."""
+    return _triton_importable()
+
+
+def interpreted() -> bool:
+    """True when the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 set before their first use)."""
+    return bool(_module("linear_norm")._is_interpreted())
 
 
 def available() -> bool:
