@@ -59,10 +59,11 @@ def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.Mon
 
     ran: list[Launch] = []
     monkeypatch.setattr(Launch, "__call__", lambda self: ran.append(self))
-    x = torch.randn(2, 40, 24)
-    delta = torch.randn(2, 40, 8)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run only under the interpreter
+    x = torch.randn(2, 40, 24, device=dev)
+    delta = torch.randn(2, 40, 8, device=dev)
     for method, write in (("instantiate", False), ("instantiate", True), ("gram", False)):
-        linear_norm.linear_sq_norms(x, delta, method=method, write_grads=write, valid_range=torch.tensor([40, 7]))
+        linear_norm.linear_sq_norms(x, delta, method=method, write_grads=write, valid_range=torch.tensor([40, 7], device=dev))
         site = aot.Site("t", 40, 8, 24, method=method, has_range=True, write_grads=write)
         planned = aot.site_launch(site)
         assert ran[-1].kernel is planned.kernel
