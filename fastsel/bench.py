@@ -888,12 +888,18 @@ def run(args: argparse.Namespace) -> int:
         plan.training = None
     plan.random_weights = args.random_weights
     torch.manual_seed(args.seed)
+    return run_and_report(lambda: run_plan(plan, seed=args.seed), print_table, write_report, args.out)
+
+
+def run_and_report(run_fn: Callable[[], dict[str, Any]], print_fn: Callable[[dict[str, Any]], None],
+                   write_fn: Callable[[dict[str, Any], str], Path], out: str) -> int:
+    """The CLI's last step: run, print the table, write the JSON; exit code 1 (no file) when methods disagree."""
     try:
-        report = run_plan(plan, seed=args.seed)
+        report = run_fn()
     except BenchMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print_table(report)
-    path = write_report(report, args.out)
+    print_fn(report)
+    path = write_fn(report, out)
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
     return 0

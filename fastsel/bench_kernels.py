@@ -41,6 +41,7 @@ from fastsel.bench import (
     device_name,
     max_rel_diff,
     measure_peak,
+    run_and_report,
     slug,
     time_fns,
 )
@@ -630,17 +631,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = build_plan(device, models=args.models, batch=args.batch, seq=args.seq, rank=args.rank,
                           dtypes=args.dtypes, layers=args.layers, warmup=args.warmup, repeats=args.repeats,
-                          inner=args.inner,
-                          tiny=args.tiny, seed=args.seed)
+                          inner=args.inner, tiny=args.tiny, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        report = run_plan(plan)
-    except BenchMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_table(report)
-    path = write_report(report, args.out)
-    print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
-    return 0
+    return run_and_report(lambda: run_plan(plan), print_table, write_report, args.out)
