@@ -116,6 +116,26 @@ def test_ranks_issue_the_same_ddp_collectives(ddp_dir: Path, name: str) -> None:
     assert counts[0] == counts[1], counts
 
 
+def _assert_trainer_step_matches_reference(ranks: list[dict], log: list[dict], scale: float) -> None:
+    """One optimizer step in one process: selective_backward on each logged global micro-batch (scaled), clipping
+    and AdamW; every rank's gradient and update must equal it, and each selection the logged one."""
+    by_id = {r["id"]: r for r in worker.trainer_rows()}
+    model = worker.case_model()
+    before = worker.trainable_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=worker.LR, weight_decay=0.0)
+    for entry in log:
+        batch = worker.pad_collator([by_id[i] for i in entry["ids"]])
+        selection = fastsel.selective_backward(batch, model, ratio=0.25, scale=scale)
+        assert selection.indices.tolist() == entry["kept_positions"]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for r, res in enumerate(ranks):
+        assert_rel(res["grads"], grads, None, f"rank {r} gradient")
+        assert_rel(res["params"], worker.trainable_state(model), before, f"rank {r} update")
+
+
 def test_selective_trainer_under_ddp(ddp_dir: Path) -> None:
     """SelectiveTrainer under DDP (accelerate MULTI_CPU, 2 x 4 examples): global selection logged with the ids of
     both ranks, and the same update as selective_backward + clipping + AdamW on the concatenated batch."""
@@ -125,21 +145,7 @@ def test_selective_trainer_under_ddp(ddp_dir: Path) -> None:
     assert log == ranks[1]["log"] and len(log) == 1
     entry = log[0]
     assert entry["batch_size"] == 8 and len(set(entry["ids"])) == 8 and len(entry["kept_ids"]) == 2
-    by_id = {r["id"]: r for r in worker.trainer_rows()}
-    batch = worker.pad_collator([by_id[i] for i in entry["ids"]])  # rank 0's rows, then rank 1's
-
-    model = worker.case_model()
-    before = worker.trainable_state(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=worker.LR, weight_decay=0.0)
-    selection = fastsel.selective_backward(batch, model, ratio=0.25)
-    assert selection.indices.tolist() == entry["kept_positions"]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer.step()
-    for r, res in enumerate(ranks):
-        assert_rel(res["grads"], grads, None, f"rank {r} gradient")
-        assert_rel(res["params"], worker.trainable_state(model), before, f"rank {r} update")
+    _assert_trainer_step_matches_reference(ranks, log, scale=1.0)  # ids: rank 0's rows, then rank 1's
     lines = (ddp_dir / "trainer" / "fastsel_selection.jsonl").read_text().splitlines()
     assert len(lines) == 1  # process 0 only
 
@@ -212,20 +218,6 @@ def test_selective_trainer_accumulation_under_ddp(ddp_dir: Path) -> None:
     assert [(e["step"], e["micro_step"]) for e in log] == [(0, m) for m in range(worker.ACCUM_STEPS)]
     for res in ranks:
         assert res["reduced_at"] == [worker.ACCUM_STEPS - 1]
-    by_id = {r["id"]: r for r in worker.trainer_rows()}
-
-    model = worker.case_model()
-    before = worker.trainable_state(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=worker.LR, weight_decay=0.0)
     for entry in log:
         assert entry["batch_size"] == 4 and len(entry["kept_ids"]) == 1
-        batch = worker.pad_collator([by_id[i] for i in entry["ids"]])
-        selection = fastsel.selective_backward(batch, model, ratio=0.25, scale=1.0 / worker.ACCUM_STEPS)
-        assert selection.indices.tolist() == entry["kept_positions"]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer.step()
-    for r, res in enumerate(ranks):
-        assert_rel(res["grads"], grads, None, f"rank {r} gradient")
-        assert_rel(res["params"], worker.trainable_state(model), before, f"rank {r} update")
+    _assert_trainer_step_matches_reference(ranks, log, scale=1.0 / worker.ACCUM_STEPS)
