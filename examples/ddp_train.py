@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import fastsel
-from fastsel.data import collate, load_task
-from fastsel.models import add_lora
+from fastsel.experiments.data import collate, load_task
+from fastsel.integrations.models import add_lora
 
 
 def byte_rows(max_length: int) -> list[dict]:

@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from fastsel.data import collate, load_task, tokenize_examples
+from fastsel.experiments.data import collate, load_task, tokenize_examples
 from fastsel.hf import SelectionConfig, SelectiveTrainer  # fastsel (1/3)
 
 BYTE_VOCAB = 256 + 2  # bytes, pad = 256, eos = 257
@@ -51,7 +51,7 @@ def tiny_model(seed: int) -> torch.nn.Module:
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, Any]], int]:
     """(LoRA model, rows with id/input_ids/labels, pad id). fastsel measures the trainable parameters' gradients,
     which must live in nn.Linear / nn.Embedding modules: LoRA adapters, not full fine-tuning of the norms."""
-    from fastsel.models import add_lora, load_model
+    from fastsel.integrations.models import add_lora, load_model
 
     if args.model == "tiny":
         return add_lora(tiny_model(args.seed), r=args.rank, seed=args.seed), byte_rows(args.max_length), 256

@@ -12,17 +12,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "grad_norms": ("fastsel.norms", "grad_norms"),
-    "norm_pass": ("fastsel.norms", "norm_pass"),
-    "select": ("fastsel.selection", "select"),
-    "select_indices": ("fastsel.selection", "select_indices"),
-    "Selection": ("fastsel.selection", "Selection"),
-    "selective_backward": ("fastsel.step", "selective_backward"),
-    "train": ("fastsel.train", "train"),
-    "TrainConfig": ("fastsel.train", "TrainConfig"),
-    "TrainResult": ("fastsel.train", "TrainResult"),
-    "CheckpointError": ("fastsel.checkpoint", "CheckpointError"),
-    "UnreducedGradientError": ("fastsel.step", "UnreducedGradientError"),
+    "grad_norms": ("fastsel.engine.norms", "grad_norms"),
+    "norm_pass": ("fastsel.engine.norms", "norm_pass"),
+    "select": ("fastsel.selection.rules", "select"),
+    "select_indices": ("fastsel.selection.rules", "select_indices"),
+    "Selection": ("fastsel.selection.rules", "Selection"),
+    "selective_backward": ("fastsel.training.selective", "selective_backward"),
+    "train": ("fastsel.training.loop", "train"),
+    "TrainConfig": ("fastsel.training.loop", "TrainConfig"),
+    "TrainResult": ("fastsel.training.loop", "TrainResult"),
+    "CheckpointError": ("fastsel.training.checkpoint", "CheckpointError"),
+    "UnreducedGradientError": ("fastsel.training.selective", "UnreducedGradientError"),
 }
 
 __all__ = ["backends", "__version__", *_LAZY]
@@ -39,9 +39,13 @@ def __getattr__(name: str) -> Any:
 
 def backends() -> dict[str, str]:
     """Which implementations are active: selection ops ('cpp', 'cpp-jit' or 'torch-fallback') and norms."""
+    import importlib
+
     import torch
 
-    from fastsel import kernels, select_ops
+    # the package root is a lazy facade: it imports its layers only when called (so no layer depends on it)
+    kernels = importlib.import_module("fastsel.kernels")
+    select_ops = importlib.import_module("fastsel.selection.ops")
 
     return {
         "selection": select_ops.implementation(),

@@ -10,10 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("fastsel.demo", "per-example norms on the embedded SmolLM2 model: torch vs naive, and the selection"),
-    "bench": ("fastsel.bench", "benchmark the norm pass against naive, torch.func, Opacus; training overhead"),
-    "bench-kernels": ("fastsel.bench_kernels", "per-layer microbenchmark of the norm ops: Triton kernels vs torch"),
-    "continual": ("fastsel.continual", "the paper's continual safety pipeline from a YAML config"),
+    "demo": ("fastsel.experiments.demo", "per-example norms on the embedded SmolLM2 model: torch vs naive, and the selection"),
+    "bench": ("fastsel.bench.suite", "benchmark the norm pass against naive, torch.func, Opacus; training overhead"),
+    "bench-kernels": ("fastsel.bench.kernel_bench", "per-layer microbenchmark of the norm ops: Triton kernels vs torch"),
+    "continual": ("fastsel.experiments.continual", "the paper's continual safety pipeline from a YAML config"),
 }
 
 

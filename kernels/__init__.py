@@ -56,7 +56,7 @@ def available() -> bool:
 def choose_method(t: int, m: int, n: int) -> str:
     """Cheapest exact form for T tokens and an m x n weight: 'outer' (T == 1), 'instantiate' or 'gram'.
 
-    Same rule as `fastsel.linear_math.choose_method` (re-implemented: this package never imports fastsel):
+    Same rule as `fastsel.engine.linear_math.choose_method` (re-implemented: this package never imports fastsel):
     instantiate costs ~ T*m*n multiply-adds per example, Gram ~ T^2*(m+n); ties go to instantiate.
     """
     if t == 1:
@@ -68,7 +68,7 @@ def _module(name: str) -> ModuleType:
     if not _triton_importable():
         raise ImportError(
             "fastsel.kernels needs triton (pip install 'triton>=3.2'); without it use the torch backend "
-            "(fastsel.linear_math)"
+            "(fastsel.engine.linear_math)"
         )
     import importlib
 

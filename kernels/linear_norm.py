@@ -2,7 +2,7 @@
 
 For x [B, T, n] (the site's input) and delta [B, T, m] (the gradient w.r.t. its output), example i has the
 weight gradient G_i = sum_t delta_{i,t} x_{i,t}^T (m x n); `linear_sq_norms` returns ||G_i||_F^2 in fp32 and equals
-`fastsel.linear_math.sq_norms` (the pure-torch reference) up to fp32 summation order. Three forms:
+`fastsel.engine.linear_math.sq_norms` (the pure-torch reference) up to fp32 summation order. Three forms:
 
 - instantiate (`_instantiate_kernel`): one program per (example, m-tile, n-tile) accumulates its tile of G_i over
   T in fp32 registers with `tl.dot`, squares and reduces it, and atomically adds into norms_sq[b]. A LoRA factor's
@@ -161,7 +161,7 @@ def _check_inputs(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         if not _is_interpreted():
             raise ValueError(
                 "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before fastsel.kernels runs its "
-                "first kernel, or move the tensors to a CUDA device (or use the torch backend, fastsel.linear_math)"
+                "first kernel, or move the tensors to a CUDA device (or use the torch backend, fastsel.engine.linear_math)"
             )
     elif x.device.type != "cuda":
         raise ValueError(
@@ -317,7 +317,7 @@ def linear_sq_norms(
 
     x [B, T, n] and delta [B, T, m] (fp32/bf16/fp16, CUDA, or CPU under TRITON_INTERPRET=1). `method` is
     'instantiate', 'gram', 'outer' (T == 1 only) or 'auto': the cheapest by the rule of
-    `fastsel.linear_math.choose_method` (instantiate ~ T*m*n, Gram ~ T^2*(m+n), T == 1 -> outer), or
+    `fastsel.engine.linear_math.choose_method` (instantiate ~ T*m*n, Gram ~ T^2*(m+n), T == 1 -> outer), or
     'instantiate' when `write_grads` asks for the per-example gradients, which only that form builds.
     `valid_range`: optional [B] lengths or [B, 2] [start, end) token ranges; tokens outside do not count.
     `_blocks` overrides block sizes (tests): (BLOCK_T, BLOCK_M, BLOCK_N) for instantiate, (BLOCK_T, BLOCK_K) for gram.

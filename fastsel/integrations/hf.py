@@ -1,0 +1,361 @@
+"""Sample selection inside a Hugging Face `transformers.Trainer` (or TRL `SFTTrainer`) script, in three lines.
+
+    from fastsel.integrations.hf import SelectionConfig, SelectiveTrainer
+    trainer = SelectiveTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                               fastsel_config=SelectionConfig(ratio=0.2, strategy="moderate"))
+
+For another Trainer subclass: `SFTTrainer = make_selective(trl.SFTTrainer)`, then use it as before with the extra
+`fastsel_config=` argument.
+
+What changes: `training_step` calls `fastsel.selective_backward` instead of `compute_loss` + `backward`. Each
+micro-batch's examples are measured (loss, exact gradient norm), Algorithm 1 keeps `ratio` of them, and `.grad`
+receives (1 / accumulation steps) x the gradient of the *mean per-example loss over the kept examples*; the optimizer
+step, clipping, scheduler, logging and checkpointing stay the Trainer's. Under DDP (torchrun / accelerate launch) the
+selection is global over all ranks' micro-batches and fastsel averages the gradients over ranks itself, once per
+optimizer step: only the micro-batch that ends the accumulation window (accelerate's `sync_gradients`) passes
+`sync=True` to `selective_backward`; the earlier ones add their local share to `.grad` unreduced, as DDP does.
+
+Loss scaling: Trainer divides a micro-batch loss by the number of accumulated micro-batches, unless it was given
+`num_items_in_batch` (a token count over the whole accumulation window), in which case the loss is a token sum over
+that count. fastsel's loss is the mean of per-example losses over the kept examples of one micro-batch, so the scale
+is always 1 / `current_gradient_accumulation_steps` (x the fp16 GradScaler scale when one is active);
+`num_items_in_batch` is ignored on purpose: it counts the tokens of every candidate, the dropped examples included,
+and would mis-weight the kept ones. The returned (logged) loss is the kept examples' mean loss, scaled the same way.
+
+Example ids: with `id_column="id"` (default) a dataset column of that name survives `remove_unused_columns`, is
+taken out of the batch before the model sees it, and every micro-step appends to `trainer.fastsel_log` a dict with
+the batch's ids, the kept and dropped ids and the selection's numbers; process 0 also appends it as one JSON line to
+`args.output_dir / log_file`.
+
+Batches: the causal-LM convention of fastsel.engine.batch (`input_ids`, `labels`, `attention_mask`, the latter made all-ones
+when missing). Padding-free / packed batches (`DataCollatorWithFlattening`, TRL `padding_free=True` or BFD packing:
+`position_ids` restarting per sequence, or `seq_idx` / `cu_seq_lens_q`) are unpacked into one padded row per
+sequence, so every sequence is one example with its own loss and gradient norm (ids are kept when the collator
+received one feature per sequence, as DataCollatorWithFlattening does). fastsel runs the model's plain forward and
+takes its logits, so TRL's fused / chunked LM-head losses (`loss_type="nll"` with `fused_lm_head`, the deprecated
+`"chunked_nll"`) are bypassed and work; losses fastsel cannot reproduce (TRL `loss_type="dft"`, label smoothing, a
+`compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP, Megatron-LM, XLA and `nn.DataParallel`.
+
+Costs and limits: unpacked sequences are padded, so packing saves no compute inside fastsel's passes. Under DDP
+every micro-step still gathers the examples' losses and gradient norms (global selection needs them; B floats)
+and all-gathers the ids as Python objects; the gradients are all-reduced once per optimizer step. A user
+`compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors `accelerator.backward` but has only
+been exercised on CPU without fp16; with an IterableDataset and accelerate's `dispatch_batches`, a string id column
+may not survive batch dispatching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
+from fastsel.selection.rules import Selection
+from fastsel.training import distributed
+from fastsel.training.options import check_step_options
+from fastsel.training.selective import DEFAULT_MEMORY_BUDGET, selective_backward
+
+__all__ = ["SelectionConfig", "SelectionTrainerMixin", "SelectiveTrainer", "make_selective", "to_fastsel_batch",
+           "IdKeepingCollator", "PackedBatchError"]
+
+_UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+
+T = TypeVar("T", bound=type)
+
+
+@dataclass
+class SelectionConfig:
+    """Options of the selection done in `SelectiveTrainer.training_step` (see `fastsel.selective_backward`).
+
+    `seed` (strategy 'random'): None draws from torch's generator (seeded by the Trainer's `args.seed`); an int gives
+    micro-step t the seed `seed + t`, so a resumed run draws the same subsets. `id_column`: dataset column holding
+    example ids (None: positions only). `log_file`: JSONL file under `args.output_dir` (None: no file).
+    `log_measurements`: also record every example's loss, gradient norm and loss-band membership.
+    """
+
+    ratio: float = 0.2
+    strategy: str = "moderate"
+    loss_band: float | None = 1.0
+    single_pass: bool | str = "auto"
+    seed: int | None = None
+    backend: str = "auto"
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    id_column: str | None = "id"
+    log_file: str | None = "fastsel_selection.jsonl"
+    log_measurements: bool = False
+
+    def __post_init__(self) -> None:
+        check_step_options(ratio=self.ratio, strategy=self.strategy, loss_band=self.loss_band,
+                           single_pass=self.single_pass, backend=self.backend,
+                           memory_budget_bytes=self.memory_budget_bytes, seed=self.seed)
+        for name in ("id_column", "log_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Example ids through the collator
+
+
+class IdKeepingCollator:
+    """Wraps a data collator: takes `column` out of every feature, collates the rest, and puts the ids back as a
+    list under `column` (only when some feature had one). Other attributes are forwarded to the wrapped collator."""
+
+    def __init__(self, collator: Callable[[list[Any]], Any], column: str):
+        self.collator = collator
+        self.column = column
+
+    def __call__(self, features: list[Any]) -> Any:
+        ids = [_plain(f.get(self.column)) if isinstance(f, Mapping) else None for f in features]
+        stripped = [{k: v for k, v in f.items() if k != self.column} if isinstance(f, Mapping) else f
+                    for f in features]
+        batch = self.collator(stripped)
+        if any(i is not None for i in ids) and isinstance(batch, dict):
+            batch[self.column] = ids
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("collator", "column"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly id: tensors / numpy scalars become Python values."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _pop_ids(inputs: Mapping[str, Any], column: str | None) -> tuple[list[Any] | None, dict[str, Any]]:
+    """(ids or None, the inputs without the id column) - the input mapping is not modified."""
+    if column is None or column not in inputs:
+        return None, dict(inputs)
+    rest = {k: v for k, v in inputs.items() if k != column}
+    ids = inputs[column]
+    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    return [_plain(i) for i in ids], rest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Trainer mixin
+
+
+def _gather_ids(ids: list[Any] | None) -> list[Any] | None:
+    """All ranks' ids in rank order (None when any rank has none); the local list without torch.distributed."""
+    if not distributed.is_distributed():
+        return ids
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, ids)
+    if any(p is None for p in parts):
+        return None
+    return [i for p in parts for i in p]
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else float(x)
+
+
+class SelectionTrainerMixin:
+    """Put before a `transformers.Trainer` (sub)class: `training_step` trains on the selected examples only.
+
+    Constructor: the Trainer's arguments plus `fastsel_config=SelectionConfig(...)`. Afterwards
+    `trainer.fastsel_log` holds one dict per micro-step (see `_record`).
+    """
+
+    fastsel_config: SelectionConfig
+    fastsel_log: list[dict[str, Any]]
+
+    def __init__(self, *args: Any, fastsel_config: SelectionConfig | None = None, **kwargs: Any) -> None:
+        if fastsel_config is None:
+            fastsel_config = SelectionConfig()
+        if not isinstance(fastsel_config, SelectionConfig):
+            raise TypeError(f"fastsel_config must be a fastsel.integrations.hf.SelectionConfig, got {type(fastsel_config).__name__}")
+        self.fastsel_config = fastsel_config
+        self.fastsel_log = []
+        self._fastsel_window: tuple[int, int] = (-1, 0)  # (global step, micro-steps seen in it)
+        super().__init__(*args, **kwargs)
+        self._fastsel_check_setup()
+        if fastsel_config.id_column is not None and self.data_collator is not None \
+                and not isinstance(self.data_collator, IdKeepingCollator):
+            self.data_collator = IdKeepingCollator(self.data_collator, fastsel_config.id_column)
+
+    # -- checks ----------------------------------------------------------------------------------------------------
+
+    def _fastsel_check_setup(self) -> None:
+        """Refuse setups whose loss or gradient path fastsel would silently replace or cannot drive."""
+        args = self.args
+        dist_type = getattr(getattr(self.accelerator, "distributed_type", None), "value", "NO")
+        if dist_type in _UNSUPPORTED_DISTRIBUTED:
+            raise NotImplementedError(f"fastsel selection does not support {dist_type} (it writes .grad itself and "
+                                      "needs whole, unsharded parameters); use DDP or a single device")
+        if getattr(args, "n_gpu", 1) > 1:
+            raise NotImplementedError("fastsel does not support nn.DataParallel (n_gpu > 1): launch one process per "
+                                      "GPU with torchrun / accelerate launch (DDP) instead")
+        if str(getattr(args.optim, "value", args.optim)) in ("lomo", "adalomo"):
+            raise NotImplementedError("LOMO/AdaLOMO fuse the optimizer step into backward: not supported by fastsel")
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("compute_loss_func is set, but fastsel trains on the mean per-example causal-LM loss of "
+                             "the selected examples; remove compute_loss_func")
+        if getattr(args, "label_smoothing_factor", 0.0):
+            raise ValueError("label_smoothing_factor > 0 is not supported: fastsel's per-example loss is plain "
+                             "token cross-entropy")
+        loss_type = getattr(args, "loss_type", None)
+        if loss_type not in (None, "nll", "chunked_nll"):
+            raise ValueError(f"loss_type={loss_type!r} is not supported: fastsel's per-example loss is the mean token "
+                             "negative log-likelihood (loss_type='nll')")
+        owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), None)
+        if owner is not None and not owner.__module__.startswith(("transformers.", "trl.")):
+            warnings.warn(f"{owner.__name__}.compute_loss is overridden but is not used for training: fastsel's "
+                          "training_step computes per-example causal-LM losses itself", stacklevel=3)
+
+    def _fastsel_check_step(self) -> None:
+        config = getattr(self.accelerator, "parallelism_config", None)
+        if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)
+                                   or getattr(config, "tp_enabled", False)):
+            raise NotImplementedError("context/sequence/tensor parallelism shards examples or parameters: fastsel "
+                                      "needs whole sequences and parameters on each rank")
+
+    # -- columns ---------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's forward columns plus the id column, so `remove_unused_columns` keeps the ids."""
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        column = self.fastsel_config.id_column
+        if column is not None and self._signature_columns is not None and column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, column]
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """Evaluation as the Trainer does it, without the id column."""
+        _, inputs = _pop_ids(inputs, self.fastsel_config.id_column)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)  # type: ignore
+
+    # -- the step --------------------------------------------------------------------------------------------------
+
+    def _fastsel_micro_index(self) -> int:
+        """Index of this micro-step inside the current optimizer step (0 .. accumulation steps - 1)."""
+        step, seen = self._fastsel_window
+        if step != self.state.global_step:
+            step, seen = self.state.global_step, 0
+        self._fastsel_window = (step, seen + 1)
+        return seen
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Tensor | Any],
+                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        """Select examples of the micro-batch and add the gradient of their mean loss (scaled for accumulation).
+
+        `num_items_in_batch` (token count over all candidates of the accumulation window) is accepted and ignored:
+        see the module docstring. Returns the kept examples' mean loss / accumulation steps, detached.
+        """
+        del num_items_in_batch
+        cfg = self.fastsel_config
+        self._fastsel_check_step()
+        micro = self._fastsel_micro_index()
+        ids, inputs = _pop_ids(inputs, cfg.id_column)
+        offload = getattr(self, "maybe_activation_offload_context", None)  # TRL SFTTrainer's own training_step
+        with offload if offload is not None else contextlib.nullcontext():
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            batch, ids, info = to_fastsel_batch(inputs, ids)
+            steps = int(getattr(self, "current_gradient_accumulation_steps", None)
+                        or self.args.gradient_accumulation_steps)
+            scale = 1.0 / steps
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and scaler.is_enabled():  # fp16: what accelerator.backward's scaler.scale does
+                scale *= float(scaler.scale(torch.ones((), device=self.args.device)))  # (also inits its scale)
+            sync = bool(getattr(self.accelerator, "sync_gradients", True))  # False: not the window's last
+            seed = None
+            if cfg.seed is not None:
+                seed = cfg.seed + self.state.global_step * self.args.gradient_accumulation_steps + micro
+            with self.compute_loss_context_manager():
+                try:
+                    selection = selective_backward(
+                        batch, model, ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
+                        single_pass=cfg.single_pass, seed=seed, scale=scale, backend=cfg.backend,
+                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync)
+                except TypeError as e:
+                    if "must return logits" not in str(e):
+                        raise
+                    raise TypeError(f"{e}. fastsel calls the model's forward (input_ids, attention_mask, "
+                                    "position_ids; no labels) and needs its logits: a forward patched to return "
+                                    "only a fused/chunked loss (e.g. a fused LM-head or linear-cross-entropy "
+                                    "kernel) must be turned off for selection") from e
+            del inputs, batch
+            empty_every = self.args.torch_empty_cache_steps
+            if empty_every is not None and self.state.global_step % empty_every == 0 and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        kept_loss = float(selection.losses[selection.indices].mean()) if selection.num_selected else 0.0
+        self._record(selection, _gather_ids(ids), info, micro, kept_loss)
+        return torch.tensor(kept_loss / steps, device=self.args.device)
+
+    def _record(self, selection: Selection, ids: list[Any] | None, info: dict[str, Any], micro: int,
+                kept_loss: float) -> None:
+        """Append this micro-step's selection to `fastsel_log` (and the JSONL file on process 0)."""
+        kept = selection.indices.tolist()
+        mask = selection.mask.tolist()
+        if ids is not None and len(ids) != len(mask):
+            ids = None  # a rank without ids or a collator that changed the example count
+        entry: dict[str, Any] = {
+            "step": int(self.state.global_step),
+            "micro_step": micro,
+            "batch_size": len(mask),
+            "k": selection.k,
+            "kept_positions": kept,
+            "ids": ids,
+            "kept_ids": [ids[i] for i in kept] if ids is not None else None,
+            "dropped_ids": [i for i, m in zip(ids, mask, strict=True) if not m] if ids is not None else None,
+            "kept_loss": kept_loss,
+            "median_grad_norm": _finite(selection.median),
+            "single_pass": selection.single_pass,
+            "packed": info["packed"],
+            "note": "; ".join(n for n in (selection.note, info["note"]) if n),
+        }
+        if self.fastsel_config.log_measurements:
+            entry["losses"] = selection.losses.tolist()
+            entry["grad_norms"] = selection.grad_norms.tolist()
+            entry["candidates"] = selection.candidates.tolist()
+        self.fastsel_log.append(entry)
+        if self.fastsel_config.log_file is not None and self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            path = os.path.join(self.args.output_dir, self.fastsel_config.log_file)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+
+    def fastsel_config_dict(self) -> dict[str, Any]:
+        """The selection options as a plain dict (for run metadata)."""
+        return asdict(self.fastsel_config)
+
+
+@functools.cache
+def make_selective(trainer_cls: T) -> T:
+    """`trainer_cls` with fastsel selection: `class Selective<Name>(SelectionTrainerMixin, trainer_cls)`.
+
+    Works for `transformers.Trainer` subclasses whose loss is the causal-LM NLL, e.g. `trl.SFTTrainer`.
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, transformers.Trainer)):
+        raise TypeError(f"make_selective needs a transformers.Trainer subclass, got {trainer_cls!r}")
+    if issubclass(trainer_cls, SelectionTrainerMixin):
+        return trainer_cls
+    name = f"Selective{trainer_cls.__name__}"
+    return type(name, (SelectionTrainerMixin, trainer_cls),  # type: ignore[return-value]
+                {"__module__": __name__, "__qualname__": name,
+                 "__doc__": f"{trainer_cls.__name__} training on fastsel-selected examples (fastsel.integrations.hf)."})
+
+
+class SelectiveTrainer(SelectionTrainerMixin, transformers.Trainer):
+    """`transformers.Trainer` training on fastsel-selected examples; extra argument `fastsel_config`."""

