@@ -90,6 +90,32 @@ def test_readme_import_of_train_is_the_function_after_the_loop_module_loaded() -
     assert callable(train) and train.__name__ == "train" and TrainConfig.__name__ == "TrainConfig"
 
 
+def test_public_names_survive_importing_every_submodule() -> None:
+    """The behaviour, whatever the layout: with every submodule loaded (each sets its package attribute), every
+    lazily exported name is still the function or class, never a module (`fastsel.train` was one)."""
+    result = _blocked_python("""
+        import importlib, pkgutil, types
+        import torch  # fastsel._C links against torch's libraries
+        import fastsel
+
+        for info in pkgutil.walk_packages(fastsel.__path__, "fastsel."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+        bad = []
+        for package_name in ("fastsel", "fastsel.experiments.data", "fastsel.experiments.eval"):
+            package = importlib.import_module(package_name)
+            for name in [*package._LAZY, *(["backends"] if package_name == "fastsel" else [])]:
+                value = getattr(package, name, None)
+                if value is None or isinstance(value, types.ModuleType):
+                    bad.append(f"{package_name}.{name}")
+        from fastsel import TrainConfig, train
+        assert callable(train) and not isinstance(train, types.ModuleType), train
+        print("shadowed:", bad)
+    """, blocked=())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "shadowed: []"
+
+
 def test_kernels_import_only_torch_and_triton() -> None:
     allowed = {"torch", "triton", "__future__"} | set(sys.stdlib_module_names)
     for path in sorted((ROOT / "kernels").glob("*.py")):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.model_io import forward_kwargs, logits_of, model_device
+from fastsel.engine.model_io import forward_kwargs, logits_of, model_device, prepare_for
 from fastsel.utils import module_mode
 
 NO_TRITON_CPU = "no GPU: Triton interpreter only"
@@ -27,11 +27,10 @@ def zero_grads(model: nn.Module) -> None:
 
 def plain_step(batch: Mapping[str, Tensor], model: nn.Module) -> None:
     """The floor: one batched forward and backward of the summed per-example losses (grads then dropped)."""
-    from fastsel.engine.batch import prepare_batch
     from fastsel.engine.losses import per_example_losses
-    from fastsel.engine.model_io import forward_logits, model_device
+    from fastsel.engine.model_io import forward_logits
 
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     per_example_losses(forward_logits(model, prepared), prepared["labels"]).sum().backward()
     zero_grads(model)
 
@@ -67,11 +66,9 @@ def vmap_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
     model's mask handling still cannot be vmapped, the mask is dropped: exact for a right-padded batch, since causal
     attention keeps pads (all after the real tokens) out of the supervised loss.
     """
-    from fastsel.engine.batch import prepare_batch
-
     if getattr(model, "is_gradient_checkpointing", False):
         raise Unavailable("torch.func transforms do not compose with activation checkpointing")
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     # SDPA's mask preparation branches on tensor values, which vmap refuses: eager attention while vmapped
     configs = {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules())
@@ -122,10 +119,9 @@ def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"opacus not installed ({type(e).__name__}); pip install opacus==1.6.0 "
                           f"torch=={torch.__version__.split('+')[0]}") from e
-    from fastsel.engine.batch import prepare_batch
     from fastsel.engine.losses import per_example_losses
 
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     kwargs = forward_kwargs(model, prepared)
     with module_mode(model, True):  # Opacus records activations only in train mode (the models have dropout 0)
         try:

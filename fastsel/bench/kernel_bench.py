@@ -36,6 +36,7 @@ from fastsel.bench.checks import BenchMismatch, max_rel_diff
 from fastsel.bench.output import device_name, fmt_ratio, fmt_time, run_and_report, slug, versions
 from fastsel.bench.timing import measure_peak, time_fns
 from fastsel.engine import linear_math
+from fastsel.utils import format_bytes
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -513,12 +514,7 @@ def _fmt_err(entry: Mapping[str, Any] | None) -> str:
 def _fmt_mem(entry: Mapping[str, Any] | None) -> str:
     if not entry or entry.get("peak_mem_bytes") is None:
         return "null"
-    size = float(entry["peak_mem_bytes"])
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.3g} {unit}"
-        size /= 1024
-    return f"{size:.3g} GiB"
+    return format_bytes(entry["peak_mem_bytes"])
 
 
 def markdown_table(path: str | os.PathLike[str]) -> str:

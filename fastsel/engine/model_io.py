@@ -1,12 +1,16 @@
-"""How fastsel calls a Hugging Face causal LM: device lookup and a forward that returns logits."""
+"""How fastsel calls a Hugging Face causal LM: device and vocabulary lookup, batch preparation for the model, and
+a forward that returns logits."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
+
+from fastsel.engine.batch import prepare_batch
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -14,6 +18,28 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Number of token ids the model embeds: its input embeddings' rows, else `config.vocab_size` (None if
+    neither is known, e.g. a plain nn.Module)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # transformers' default for models without embeddings
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return int(emb.num_embeddings)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def prepare_for(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`prepare_batch` on the model's device, with token ids and labels checked against its vocabulary: the one
+    place where every entry point (grad_norms, select, selective_backward, train) prepares a batch."""
+    return prepare_batch(batch, model_device(model), vocab_size=vocab_size(model))
 
 
 @lru_cache(maxsize=64)

@@ -22,10 +22,9 @@ from fastsel.engine.accumulate import (
     ParamAccumulator,
     resolve_deferred,
 )
-from fastsel.engine.batch import prepare_batch
 from fastsel.engine.capture import Capture
 from fastsel.engine.losses import check_finite, per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.targets import Target, find_targets
 
 BACKENDS = ("auto", "torch", "triton", "naive")
@@ -119,7 +118,7 @@ def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
                       backend: str = "torch", keep_grads: bool = False) -> NormPass:
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found."""
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     batch_size = prepared["input_ids"].shape[0]
     linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"])
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
@@ -170,7 +169,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
 
 def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target]) -> NormPass:
     """The oracle: for each example alone (padding stripped), forward, backward, and the norm of its gradient."""
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     params = [t.param for t in targets]
     losses, rows = [], []
     for i in range(prepared["input_ids"].shape[0]):

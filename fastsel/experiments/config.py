@@ -6,7 +6,10 @@
 Each section is a dataclass whose fields carry their defaults and limits (`field(metadata=...)`: ge/gt/le/lt,
 choices). `from_mapping` checks types and limits field by field and names each bad key (`training.lr: ...`);
 `validate` then checks what depends on several keys or on the machine (files that must exist, hub ids, methods,
-the judge). Numbers in exponent form (`1e-3`, which YAML 1.1 reads as a string) are accepted for float fields.
+the judge). A source 'owner/name' (one slash, no extension) that is not an existing local path is a hub id: it
+must be in the local hub cache or, unless HF_HUB_OFFLINE is set, be found on the hub within HUB_TIMEOUT_S seconds;
+so a mistyped relative path (`mydata/gsm8k_local`) is one line of the validation error, not a ConnectionError at
+load time. Numbers in exponent form (`1e-3`, which YAML 1.1 reads as a string) are accepted for float fields.
 What can only be checked against the model (LoRA target modules) is checked by the runner right after the model
 loads, before anything trains.
 """
@@ -263,34 +266,88 @@ def from_mapping(cls: type, raw: Any, where: str = "", problems: _Problems | Non
 
 # ------------------------------------------------------------------------------------------------ semantics
 
-def is_hub_id(source: str) -> bool:
-    """'hub' or an 'owner/name' id that is not a local path (no extension, not starting with . / ~)."""
-    return source == "hub" or (source.count("/") == 1 and not os.path.splitext(source)[1]
-                               and not source.startswith((".", "/", "~")) and not os.path.exists(source))
+# Hub ids are checked at validation: found in the local hub cache, or looked up online within this many seconds
+# (never when the hub is offline), so a mistyped relative path fails here, in one line, not at load time.
+HUB_TIMEOUT_S = 5.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline(repo_type: str) -> bool:
+    """HF_HUB_OFFLINE, or the library's own switch (HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE), is set."""
+    names = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE" if repo_type == "dataset" else "TRANSFORMERS_OFFLINE"]
+    return any(os.environ.get(name, "").strip().upper() in _TRUE for name in names)
+
+
+def _in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    """The repo was downloaded before (huggingface_hub's cache; for datasets also the datasets cache)."""
+    from huggingface_hub import constants
+
+    folders = [os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{repo_id.replace('/', '--')}")]
+    if repo_type == "dataset":
+        cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+        folders.append(os.path.join(cache, repo_id.replace("/", "___")))
+    return any(os.path.isdir(folder) for folder in folders)
+
+
+def _hub_lookup(repo_id: str, repo_type: str, timeout: float) -> None:
+    """Raise when the hub has no such repo (RepositoryNotFoundError) or cannot be asked (a network error)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    (api.dataset_info if repo_type == "dataset" else api.model_info)(repo_id, timeout=timeout)
+
+
+def hub_problem(repo_id: str, repo_type: str) -> str | None:
+    """None when `repo_id` ('owner/name', a 'dataset' or 'model') can be loaded from the hub, else why not."""
+    if _in_hub_cache(repo_id, repo_type):
+        return None
+    if hub_offline(repo_type):
+        return "it is not in the local hub cache and the hub is offline (HF_HUB_OFFLINE)"
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        _hub_lookup(repo_id, repo_type, HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return None  # it exists; access is the loader's business (a token)
+    except RepositoryNotFoundError:
+        return f"the hub has no {repo_type} of that name"
+    except Exception as e:  # noqa: BLE001  (no network, a timeout, a proxy error: the load would fail too)
+        return (f"the hub could not be asked within {HUB_TIMEOUT_S:.0f} s ({type(e).__name__}: {str(e)[:120]}); "
+                "set HF_HUB_OFFLINE=1 to use the local hub cache only")
+    return None
 
 
 def _missing_path(source: str) -> bool:
     return not os.path.exists(os.path.expanduser(source))
 
 
-def _check_source(label: str, source: str, problems: _Problems) -> None:
-    """A data source must exist locally, unless it is a hub id whose first part is not a local folder."""
-    if source == "hub" or not _missing_path(source):
-        return
-    head = source.split("/", 1)[0]
-    if is_hub_id(source) and not os.path.isdir(head):
-        return
-    problems.add(label, f"file or folder not found: {source!r} (relative paths are resolved from "
-                        f"{os.getcwd()}; a hub dataset is written 'owner/name' or 'hub')")
+def _check_source(label: str, source: str, repo_type: str, problems: _Problems, hub_id: str | None = None) -> None:
+    """A local path must exist; a hub id ('owner/name' that is no local path, or 'hub' meaning `hub_id`) must be
+    loadable from the hub (cached, or found online)."""
+    from fastsel.experiments.data.tasks import is_hub_id
+
+    cwd = os.getcwd()
+    if source == "hub" and hub_id is not None:
+        problem = hub_problem(hub_id, repo_type)
+        if problem:
+            problems.add(label, f"'hub' ({hub_id}): {problem}")
+    elif is_hub_id(source):
+        problem = hub_problem(source, repo_type)
+        if problem:
+            problems.add(label, f"{source!r} is no local file or folder (relative paths are resolved from {cwd}), "
+                                f"so it was taken for a hub id, but {problem}")
+    elif _missing_path(source):
+        problems.add(label, f"file or folder not found: {source!r} (relative paths are resolved from {cwd}; "
+                            f"a hub {repo_type} is written 'owner/name')")
 
 
 def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     """Checks across keys and against the machine (files, names); appends to `problems`."""
     from fastsel.experiments.data import TASK_NAMES
+    from fastsel.experiments.data.tasks import TASKS
 
-    model = cfg.model
-    if isinstance(model, str) and model not in (EMBEDDED, TINY) and _missing_path(model) and not is_hub_id(model):
-        problems.add("model", f"{model!r} is neither 'smollm2', 'tiny-random', an existing path nor a hub id")
+    if isinstance(cfg.model, str) and cfg.model not in (EMBEDDED, TINY):
+        _check_source("model", cfg.model, "model", problems)
     if not cfg.tasks:
         problems.add("tasks", "must be a non-empty list")
     names = []
@@ -300,8 +357,9 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
         names.append(spec.name)
         if spec.name not in TASK_NAMES:
             problems.add(f"tasks[{i}]", f"unknown dataset {spec.name!r} (known: {', '.join(TASK_NAMES)})")
-        if isinstance(spec.source, str):
-            _check_source(f"tasks[{i}].source", spec.source, problems)
+        if isinstance(spec.source, str) and (spec.source != "hub" or spec.name in TASKS):
+            _check_source(f"tasks[{i}].source", spec.source, "dataset", problems,
+                          hub_id=TASKS[spec.name].hub_id if spec.name in TASKS else None)
     if len(set(names)) != len(names):
         problems.add("tasks", f"duplicate task names {names}")
     if not cfg.methods:
@@ -321,8 +379,8 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     if sa.judge == "llama_guard":
         if not sa.judge_path:
             problems.add("safety.judge_path", "the llama_guard judge needs a model path or hub id")
-        elif _missing_path(sa.judge_path) and not is_hub_id(sa.judge_path):
-            problems.add("safety.judge_path", f"not found: {sa.judge_path}")
+        else:
+            _check_source("safety.judge_path", sa.judge_path, "model", problems)
     if isinstance(sa.prompts, str) and sa.prompts != "probes":
         kind, _, path = sa.prompts.partition(":")
         if kind not in ("advbench", "harmbench"):

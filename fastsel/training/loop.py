@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.batch import REQUIRED_KEYS, collate, prepare_batch
-from fastsel.engine.losses import per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.batch import REQUIRED_KEYS, collate
+from fastsel.engine.losses import check_finite, per_example_losses
+from fastsel.engine.model_io import forward_logits, model_device, prepare_for, vocab_size
 from fastsel.selection.rules import Selection, select, select_indices
 from fastsel.training import checkpoint as ckpt
 from fastsel.training.options import check_number, check_step_options, is_int
@@ -181,12 +181,6 @@ def _pad_token_id(cfg: TrainConfig, model: nn.Module) -> int:
     return 0
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
-
-
 # -------------------------------------------------------------------------------------------- one micro-batch
 
 def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int) -> Selection:
@@ -195,8 +189,9 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
     if cfg.strategy in NORM_STRATEGIES:
         return select(batch, model, backend=cfg.backend, **options)
     with torch.no_grad():
-        prepared = prepare_batch(batch, model_device(model))
+        prepared = prepare_for(model, batch)
         losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+    check_finite(losses, "loss")  # as the norm strategies do: no NaN reaches .grad
     selection = select_indices(losses, torch.zeros_like(losses), **options)
     selection.local_indices = selection.indices
     return selection
@@ -207,7 +202,7 @@ def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: Train
     """Forward+backward of the kept rows: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty)."""
     sub = {k: batch[k][rows] for k in REQUIRED_KEYS}
     width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: trim columns no kept row uses
-    prepared = prepare_batch({k: v[:, :width] for k, v in sub.items()}, model_device(model))
+    prepared = prepare_for(model, {k: v[:, :width] for k, v in sub.items()})
     logits = forward_logits(model, prepared)
     loss = per_example_losses(logits, prepared["labels"]).mean()
     if cfg.kl_coef > 0:
@@ -338,7 +333,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     # -- options, data and model checks (nothing runs before they pass)
     cfg = resolve_config(config, overrides)
     check_config(cfg, model)
-    row_ids = check_dataset(dataset, _vocab_size(model))
+    row_ids = check_dataset(dataset, vocab_size(model))
     pad_id = _pad_token_id(cfg, model)
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None

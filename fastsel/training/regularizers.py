@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.batch import collate, prepare_batch
+from fastsel.engine.batch import collate
 from fastsel.engine.losses import per_example_kl, supervised_positions
-from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.norms import norm_pass
 from fastsel.training.rows import check_dataset
 from fastsel.utils import eval_mode
@@ -48,7 +48,7 @@ def kl_per_example(model: nn.Module, batch: Mapping[str, Tensor], *, logits: Ten
     `logits` are the model's logits on `batch` when already computed (with grad), saving a forward. The
     reference logits come from `reference` if given, else from `model` under `disable_adapter()`, no grad.
     """
-    prepared = prepare_batch(batch, model_device(model))
+    prepared = prepare_for(model, batch)
     if logits is None:
         logits = forward_logits(model, prepared)
     with torch.no_grad():

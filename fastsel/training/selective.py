@@ -18,12 +18,22 @@ trainable parameters over ranks. Averaging leaves rank-identical content unchang
 of sync=True/False calls can count a contribution twice. Forgetting the final `sync=True` would leave gradients
 that differ between ranks: an optimizer step over a parameter holding an unreduced `sync=False` contribution
 raises UnreducedGradientError (a global optimizer step pre-hook, registered only while such contributions exist).
+
+How a window is followed (torch has no zero_grad hook): fastsel records, per parameter, the `.grad` tensor it
+wrote (weakly) and its version counter. A backward accumulating onto that tensor keeps the window open (a tensor
+hook before and a post-accumulate-grad hook after each accumulation update the record, whether autograd adds in
+place or makes a new tensor). Any other change of `.grad` (setting it to None, `zero_grad(set_to_none=False)`,
+another tensor, an in-place op) is inspected when it matters, at the next accumulation or optimizer step: if
+`.grad` is None or all zeros the deferred share is gone and the window is over; otherwise (clipping, scaling)
+it is still pending. Only that inspection syncs with the host, and only after such an outside change.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,19 +42,20 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsel.engine.batch import prepare_batch
-from fastsel.engine.losses import per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.batch import check_batch
+from fastsel.engine.losses import check_finite, per_example_losses
+from fastsel.engine.model_io import forward_logits, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
 from fastsel.engine.targets import Target, find_targets
 from fastsel.selection.rules import Selection, select_indices
 from fastsel.training import distributed
 from fastsel.training.options import check_step_options
+from fastsel.utils import format_bytes
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
-# Parameters whose `.grad` holds a `sync=False` contribution not yet averaged over ranks, and the optimizer step
-# pre-hook refusing to step them (registered only while this is non-empty).
+# Parameters whose `.grad` holds a `sync=False` contribution not yet averaged over ranks (-> their _Window), and
+# the optimizer step pre-hook refusing to step them (registered only while this is non-empty).
 _DEFERRED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _GUARD: RemovableHandle | None = None
 
@@ -53,11 +64,70 @@ class UnreducedGradientError(RuntimeError):
     """An optimizer step over gradients that `selective_backward(sync=False)` left unreduced across ranks."""
 
 
+@dataclass
+class _Window:
+    """What a parameter's open accumulation window knows of its `.grad`: the tensor holding the deferred share
+    (weakly) and its version counter when fastsel, or a backward accumulating onto it, last wrote it."""
+
+    grad: weakref.ref
+    version: int
+    handles: list[RemovableHandle]
+    accumulating: bool = False
+
+
+def _before_accumulation(param_ref: weakref.ref) -> Callable[[Tensor], None]:
+    """Tensor hook (runs before autograd adds a backward's gradient into `.grad`): a backward accumulating onto the
+    deferred `.grad` keeps the window open, unless `.grad` was zeroed in place since (then the window is over)."""
+
+    def hook(grad: Tensor) -> None:
+        del grad
+        param = param_ref()
+        window = _DEFERRED.get(param) if param is not None else None
+        if window is None or param.grad is None or param.grad is not window.grad():
+            return  # no window, or a backward with .grad set aside (fastsel's own passes): not ours
+        if _still_pending(param, window):
+            window.accumulating = True
+
+    return hook
+
+
+def _after_accumulation(param: Tensor) -> None:
+    """Post-accumulate-grad hook: the accumulated `.grad` (in place or a new tensor) still holds the deferred share."""
+    window = _DEFERRED.get(param)
+    if window is not None and window.accumulating and param.grad is not None:
+        window.grad, window.version, window.accumulating = weakref.ref(param.grad), param.grad._version, False
+
+
+def _still_pending(param: Tensor, window: _Window) -> bool:
+    """Whether `param.grad` still holds the deferred share; forget the window when it does not.
+
+    The share is gone when `.grad` is None, or was changed by something other than fastsel or an accumulating
+    backward (another tensor, or the same one modified in place) and is now all zeros: `zero_grad()` with either
+    `set_to_none`. A change that leaves values (clipping, scaling in place) keeps the share pending.
+    """
+    grad = param.grad
+    if grad is None:
+        _forget(param)
+        return False
+    if grad is window.grad() and grad._version == window.version:
+        return True
+    if not bool(grad.any()):  # a host sync, only after an outside change of .grad
+        _forget(param)
+        return False
+    window.grad, window.version = weakref.ref(grad), grad._version
+    return True
+
+
+def _pending(param: Tensor) -> bool:
+    window = _DEFERRED.get(param)
+    return window is not None and _still_pending(param, window)
+
+
 def _refuse_unreduced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Optimizer step pre-hook: raise when a parameter of `optimizer` still holds a deferred contribution."""
     del args, kwargs
-    pending = sum(1 for group in optimizer.param_groups for p in group["params"]
-                  if p in _DEFERRED and p.grad is not None)  # .grad set to None since: the window was dropped
+    pending = sum(1 for group in optimizer.param_groups for p in group["params"] if _pending(p))
+    _drop_guard_if_idle()
     if pending:
         raise UnreducedGradientError(
             f"{pending} parameter(s) hold gradients added by selective_backward(..., sync=False) that were never "
@@ -66,25 +136,48 @@ def _refuse_unreduced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: 
 
 
 def _mark_deferred(params: list[Tensor]) -> None:
+    """Record the `.grad` tensors now holding a deferred share (hooks follow later backward accumulations)."""
     global _GUARD
     for p in params:
-        _DEFERRED[p] = True
-    if _GUARD is None:
+        if p.grad is None:
+            continue
+        window = _DEFERRED.get(p)
+        if window is None:
+            p_ref = weakref.ref(p)
+            handles = [p.register_hook(_before_accumulation(p_ref)),
+                       p.register_post_accumulate_grad_hook(_after_accumulation)]
+            _DEFERRED[p] = _Window(weakref.ref(p.grad), p.grad._version, handles)
+        else:
+            window.grad, window.version, window.accumulating = weakref.ref(p.grad), p.grad._version, False
+    if _GUARD is None and len(_DEFERRED):
         _GUARD = register_optimizer_step_pre_hook(_refuse_unreduced_step)
 
 
-def _clear_deferred(params: list[Tensor]) -> None:
+def _forget(param: Tensor) -> None:
+    window = _DEFERRED.pop(param, None)
+    if window is not None:
+        for handle in window.handles:
+            handle.remove()
+
+
+def _drop_guard_if_idle() -> None:
     global _GUARD
-    for p in params:
-        _DEFERRED.pop(p, None)
     if _GUARD is not None and len(_DEFERRED) == 0:
         _GUARD.remove()
         _GUARD = None
 
 
+def _clear_deferred(params: list[Tensor]) -> None:
+    for p in params:
+        _forget(p)
+    _drop_guard_if_idle()
+
+
 def has_deferred_gradients(model: nn.Module) -> bool:
     """Whether a parameter of `model` holds a `sync=False` contribution not yet averaged over ranks."""
-    return any(p in _DEFERRED and p.grad is not None for p in model.parameters())
+    pending = any([_pending(p) for p in model.parameters()])  # a list: every parameter's window is checked
+    _drop_guard_if_idle()
+    return pending
 
 
 def _local_model(model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager]:
@@ -105,7 +198,7 @@ def _rows(batch: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
 def _subset_grads(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
                   rows: Tensor) -> list[Tensor | None]:
     """Summed gradient of the per-example losses of `rows` (forward+backward of those rows only)."""
-    prepared = prepare_batch(_rows(batch, rows), model_device(model))
+    prepared = prepare_for(model, _rows(batch, rows))
     losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
     return backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
 
@@ -118,7 +211,7 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
     """
     params = [t.param for t in targets]
     world = distributed.world_size()
-    reduce = sync and world > 1 and (kept > 0 or any(p in _DEFERRED for p in params))  # the same on every rank
+    reduce = sync and world > 1 and (kept > 0 or any([_pending(p) for p in params]))  # same on every rank
     shares: list[Tensor | None] = [None] * len(params)
     if kept:
         factor = scale * world / kept
@@ -159,19 +252,26 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     the accumulation window; it averages even when it keeps no example). After the window `.grad` equals, to fp
     rounding, what `sync=True` on every micro-batch gives (module docstring: why nothing is counted twice). An
     optimizer step while a `sync=False` contribution is unreduced raises UnreducedGradientError, also in a single
-    process so the misuse shows before DDP; setting `.grad` to None in between drops the window and the check.
+    process so the misuse shows before DDP. Zeroing the gradients in between (`optimizer.zero_grad()` or
+    `model.zero_grad()`, with `set_to_none` True or False) drops the window and the check; a plain
+    `loss.backward()` onto the unreduced `.grad` does not.
+
+    Refused before anything reaches `.grad`: a malformed batch (TypeError / ValueError naming the key), token ids
+    or labels outside the model's vocabulary (naming example and position), a non-finite loss (every strategy)
+    or gradient norm (the norm strategies), naming the examples.
     """
     if not isinstance(sync, bool):
         raise TypeError(f"sync must be a bool, got {sync!r}")
     check_step_options(ratio=ratio, strategy=strategy, loss_band=loss_band, single_pass=single_pass,
                        backend=backend, memory_budget_bytes=memory_budget_bytes, scale=scale, seed=seed)
+    batch_size = int(check_batch(batch)["input_ids"].shape[0])  # before any shape is read
     model, no_sync = _local_model(model)
     targets = find_targets(model, "trainable")
-    batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
-    fits = _per_example_grad_bytes(targets, batch_size) <= memory_budget_bytes
+    needed = _per_example_grad_bytes(targets, batch_size)
+    fits = needed <= memory_budget_bytes
     if single_pass is True and not fits:
-        raise ValueError(f"single_pass=True needs {_per_example_grad_bytes(targets, batch_size) / 2**20:.0f} MiB "
-                         f"of per-example gradients, over memory_budget_bytes={memory_budget_bytes}")
+        raise ValueError(f"single_pass=True needs {format_bytes(needed)} of per-example gradients, over "
+                         f"memory_budget_bytes={memory_budget_bytes} ({format_bytes(memory_budget_bytes)})")
     needs_norms = strategy in ("moderate", "low", "high")
     use_single = needs_norms and (single_pass is True or (single_pass == "auto" and fits))
 
@@ -181,11 +281,13 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
                                  targets=targets)
             losses, norms = measured.losses, measured.norms
         else:
-            prepared = prepare_batch(batch, model_device(model))
+            prepared = prepare_for(model, batch)
             live_losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
         all_losses, offset = distributed.gather_rows(losses)
         all_norms, _ = distributed.gather_rows(norms)
+        if not needs_norms:  # the norm pass checked its losses; here nothing must reach .grad (every rank raises)
+            check_finite(all_losses, "loss")
         selection = select_indices(all_losses, all_norms, ratio=ratio, strategy=strategy, loss_band=loss_band,
                                    seed=distributed.shared_seed(seed) if strategy == "random" else seed)
         local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + losses.numel())]

@@ -28,6 +28,31 @@ def test_lora_matches_naive_fp32(kind: str, side: str) -> None:
     assert rel_err(got, naive(batch, model)) <= 1e-5
 
 
+@pytest.mark.parametrize("params", ["lora", "full"])
+def test_left_padding_with_a_supervised_first_token_equals_unpadded(params: str) -> None:
+    """The first real token carries a label (prompt=0): under left padding it follows a pad, so it is no target,
+    as in the unpadded example. Norms and losses: left == right == each example alone == naive."""
+    model = lora(tiny_model(), r=4) if params == "lora" else _full_finetune(tiny_model())
+    lengths = [7, 12, 5, 9]
+    left, right = (make_batch(lengths, side=side, prompt=0) for side in ("left", "right"))
+    alone = [norm_pass({k: v[i:i + 1, :n] for k, v in right.items()}, model, backend="torch")
+             for i, n in enumerate(lengths)]
+    ref_norms = torch.cat([r.norms for r in alone])
+    ref_losses = torch.cat([r.losses for r in alone])
+    for batch in (left, right):
+        got = norm_pass(batch, model, backend="torch")
+        assert rel_err(got.norms, ref_norms) <= 1e-5 and rel_err(got.losses, ref_losses) <= 1e-5
+    assert rel_err(naive(left, model), ref_norms) <= 1e-5
+    if params == "lora":  # the training step too: the same gradient whatever the padding side
+        grads = []
+        for batch in (left, right):
+            fastsel.selective_backward(batch, model, strategy="full")
+            grads.append([p.grad for p in model.parameters() if p.requires_grad])
+            model.zero_grad(set_to_none=True)
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_batch_of_one_and_rslora_and_subset_targets() -> None:
     model = lora(tiny_model(), r=3, rslora=True, targets=["q_proj", "down_proj"])
     batch = make_batch([9])
@@ -199,7 +224,7 @@ def test_triton_backend_matches_naive(case: str) -> None:
         pytest.skip("triton not installed")
     if case == "lora-left":
         model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
-        batch = make_batch([7, 12, 5], side="left")
+        batch = make_batch([7, 12, 5], side="left", prompt=0)  # a supervised first token after the pads
     else:
         model = _full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")

@@ -99,3 +99,36 @@ def test_defaults_and_baselines_validate() -> None:
     assert cfg.task_names == ["dolly", "gsm8k", "medmcqa", "squad_v2"]
     with pytest.raises(ValueError, match="llama_guard judge needs"):
         validate_config({"model": "tiny-random", "safety": {"judge": "llama_guard"}})
+
+
+def test_lora_targets_matching_no_module_fail_before_alignment_trains(tmp_path: Path, monkeypatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from fastsel.cli import main
+    from fastsel.experiments.continual import LoraTargetError
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["lora"]["targets"] = ["q_proj", "no_such_proj"]
+    assert raw["alignment"]["enabled"]
+    monkeypatch.setattr(fastsel.training.loop, "train", _fail)
+    with pytest.raises(LoraTargetError, match=r"\['no_such_proj'\] match no module.*q_proj"):
+        run_continual(raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "aligned").exists()
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["continual", "--config", str(config), "--out", str(tmp_path / "cli")]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("error: lora.targets ['no_such_proj']")
+
+
+def test_out_holding_another_config_is_one_line_in_the_cli(tmp_path: Path, monkeypatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from fastsel.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**load_config(TINY).to_json(), "seeds": [7]}))
+    monkeypatch.setattr(fastsel.training.loop, "train", _fail)
+    assert main(["continual", "--config", str(TINY), "--out", str(out)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "different config" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

@@ -292,3 +292,18 @@ def test_full_model_without_peft_trains_and_checkpoints(tmp_path) -> None:
         p.requires_grad_("layers.1.mlp" in name)
     result = train(model, GOOD, batch_size=7, ratio=0.3, out_dir=str(tmp_path), progress=False)
     assert result.adapter_path is None and (result.checkpoint_path / "trainable.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy,extra", [("full", {}), ("random", {}), ("moderate", {}), ("full", {"kl_coef": 0.1})])
+def test_non_finite_loss_stops_training_with_the_examples_named(strategy: str, extra: dict) -> None:
+    """A NaN loss used to train silently into NaN weights with 'full'/'random': every strategy refuses it."""
+    model = lora(tiny_model())
+    rows = make_rows(8)
+    token = rows[5]["input_ids"][3]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+    before = trainable(model)
+    with pytest.raises(ValueError, match=r"non-finite loss for example\(s\) \[\d"):
+        train(model, rows, strategy=strategy, batch_size=8, ratio=0.5, progress=False, **extra)
+    after = trainable(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)

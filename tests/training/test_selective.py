@@ -134,3 +134,99 @@ def test_deferred_sync_single_process_and_the_unreduced_step_guard() -> None:
         fastsel.selective_backward(batches[0], model, sync=None)
     fastsel.selective_backward(batches[0], model, ratio=0.4)  # sync=True forgets the stale entries
     assert fastsel.training.selective._GUARD is None  # the optimizer hook is gone once nothing is deferred
+
+
+def _poison_token(model, batch, example: int) -> None:
+    """Make the loss of `example` (only) NaN: its first token's embedding row becomes NaN."""
+    token = int(batch["input_ids"][example, 0])
+    assert not (batch["input_ids"][[i for i in range(len(batch["input_ids"])) if i != example]] == token).any()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_finite_loss_is_refused_before_grad_is_written(strategy: str) -> None:
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7, 6, 8], seed=11)
+    _poison_token(model, batch, 3)
+    with pytest.raises(ValueError, match=r"non-finite loss for example\(s\) \[3\]"):
+        fastsel.selective_backward(batch, model, strategy=strategy, ratio=0.4, seed=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "1", None, True, torch.tensor(1.0)])
+def test_scale_must_be_a_finite_number(scale) -> None:
+    model = lora(tiny_model(), r=2)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        fastsel.selective_backward(make_batch([5, 9]), model, scale=scale)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_memory_budget_message_gives_the_real_size() -> None:
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7])
+    needed = 3 * sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    from fastsel.utils import format_bytes
+
+    with pytest.raises(ValueError, match=rf"needs {format_bytes(needed)} of per-example gradients.*\(0 B\)"):
+        fastsel.selective_backward(batch, model, single_pass=True, memory_budget_bytes=0)
+    assert format_bytes(needed) != "0 B" and format_bytes(needed).endswith("KiB")
+
+
+def _plain_backward(batch, model) -> None:
+    prepared = prepare_batch(batch)
+    per_example_losses(forward_logits(model, prepared), prepared["labels"]).mean().backward()
+
+
+@pytest.mark.parametrize("zeroing", ["optimizer", "model"])
+def test_zero_grad_without_set_to_none_ends_the_window(zeroing: str) -> None:
+    """After selective_backward(sync=False): zeroing the gradients in place drops the deferred share, as setting
+    them to None does, so a plain backward + step is allowed and steps exactly the plain gradient."""
+    from fastsel.training.selective import has_deferred_gradients
+
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7, 6, 8], seed=5)
+    params = [p for _, p in trainable(model)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    _plain_backward(batch, model)
+    expected = grads_of(model)
+    zero(model)
+    fastsel.selective_backward(batch, model, ratio=0.4, sync=False)
+    assert has_deferred_gradients(model)
+    (optimizer if zeroing == "optimizer" else model).zero_grad(set_to_none=False)
+    _plain_backward(batch, model)
+    assert_close_lists(grads_of(model), expected, rtol=0)
+    before = [p.detach().clone() for p in params]
+    optimizer.step()  # used to raise UnreducedGradientError
+    for p, b, g in zip(params, before, expected, strict=True):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
+    assert not has_deferred_gradients(model) and fastsel.training.selective._GUARD is None
+    # zeroing in place and stepping at once (no backward in between) is allowed too
+    fastsel.selective_backward(batch, model, ratio=0.4, sync=False)
+    optimizer.zero_grad(set_to_none=False)
+    optimizer.step()
+    assert fastsel.training.selective._GUARD is None
+
+
+@pytest.mark.parametrize("between", ["plain_backward", "clip", "grad_norms", "nothing"])
+def test_the_guard_still_refuses_an_unreduced_step(between: str) -> None:
+    """What does not discard the deferred share keeps the window open: a plain backward onto it, clipping in place,
+    a norm measurement (whose backward sets .grad aside)."""
+    from fastsel.training.selective import UnreducedGradientError
+
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7, 6, 8], seed=5)
+    params = [p for _, p in trainable(model)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    fastsel.selective_backward(batch, model, ratio=0.4, sync=False)
+    if between == "plain_backward":
+        _plain_backward(batch, model)
+    elif between == "clip":
+        torch.nn.utils.clip_grad_norm_(params, 1e-3)
+    elif between == "grad_norms":
+        fastsel.grad_norms(batch, model, backend="torch")
+    with pytest.raises(UnreducedGradientError):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    assert fastsel.training.selective._GUARD is None

@@ -214,11 +214,13 @@ def normalize_rows(spec: TaskSpec, rows: list[Row], source: str, *, skip_empty_r
     return examples
 
 
-def _is_hub(source: str) -> bool:
+def is_hub_id(source: str) -> bool:
+    """Whether a data (or model) source names the hub: 'hub', or 'owner/name' (one slash, no file extension, not
+    starting with . / ~) that is not an existing local path. Everything else is a local path."""
     if source == "hub":
         return True
-    return not os.path.exists(source) and "/" in source and not os.path.splitext(source)[1] \
-        and not source.startswith((".", "/", "~"))
+    return source.count("/") == 1 and not os.path.splitext(source)[1] \
+        and not source.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(source))
 
 
 def load_task(name: str, source: str | os.PathLike[str] | None = None, split: str = "train", *,
@@ -239,7 +241,7 @@ def load_task(name: str, source: str | os.PathLike[str] | None = None, split: st
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     spec = TASKS[name]
-    if source is not None and _is_hub(os.fspath(source)):
+    if source is not None and is_hub_id(os.fspath(source)):
         examples = _load_hub(spec, os.fspath(source), split, test_fraction, skip_empty_response, **hub_kwargs)
     else:
         path = os.path.join(FILES_DIR, spec.mini_file) if source is None else os.fspath(source)
@@ -288,5 +290,5 @@ def check_row(name: str, fields: Mapping[str, Any]) -> Example:
     return TASKS[name].normalize(Row(0, fields, "<row>"))
 
 
-__all__ = ["TASKS", "TaskSpec", "load_task", "check_row", "gsm8k_gold", "DataError", "NO_ANSWER",
+__all__ = ["TASKS", "TaskSpec", "load_task", "is_hub_id", "check_row", "gsm8k_gold", "DataError", "NO_ANSWER",
            "DOLLY_CATEGORIES", "OPTION_LETTERS", "format_medmcqa", "format_squad"]
