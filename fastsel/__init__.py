@@ -37,8 +37,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fastsel' has no attribute {name!r}")
 
 
-def backends() -> dict[str, str]:
-    """Which implementations are active: selection ops ('cpp', 'cpp-jit' or 'torch-fallback') and norms."""
+def backends(run_selftest: bool = False) -> dict[str, Any]:
+    """Which implementations are active: selection ops ('cpp', 'cpp-jit' or 'torch-fallback'), the norm backend
+    'auto' picks here, and the Triton kernels' first-use self-test results ({'cuda:0 bfloat16 gram': 'passed
+    (0.4 s)' or 'FAILED, torch used: ...'}; empty until a Triton norm pass ran on CUDA).
+
+    `run_selftest=True` first self-tests every kernel family on the current CUDA device in fp32, bf16 and fp16
+    (nothing without CUDA), instead of waiting for the first norm pass.
+    """
     import importlib
 
     import torch
@@ -46,9 +52,17 @@ def backends() -> dict[str, str]:
     # the package root is a lazy facade: it imports its layers only when called (so no layer depends on it)
     kernels = importlib.import_module("fastsel.kernels")
     select_ops = importlib.import_module("fastsel.selection.ops")
+    selftest = importlib.import_module("fastsel.engine.kernel_selftest")
 
+    cuda_triton = torch.cuda.is_available() and kernels.available()
+    if run_selftest and cuda_triton:
+        selftest.run_all(torch.device("cuda", torch.cuda.current_device()))
+    norms_auto = "triton" if cuda_triton else "torch"
+    if cuda_triton and selftest.failed():
+        norms_auto += f" (torch math for the kernels that failed their self-test: {', '.join(selftest.failed())})"
     return {
         "selection": select_ops.implementation(),
-        "norms_auto": "triton" if torch.cuda.is_available() and kernels.available() else "torch",
+        "norms_auto": norms_auto,
         "triton_kernels": "available" if kernels.available() else "unavailable",
+        "triton_selftest": selftest.report(),
     }

@@ -4,6 +4,9 @@ Data flow: batch -> forward with capture hooks -> per-example losses L_i -> one 
 example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i.
 Backends: `torch` (batched PyTorch math, runs everywhere), `triton` (fused kernels in fastsel.kernels for the
 Linear sites), `naive` (one forward+backward per unpadded example: the oracle), `auto` (triton on CUDA, else torch).
+Each Triton kernel family runs only after its first-use self-test passed on that device and dtype
+(`fastsel.engine.kernel_selftest`): with 'auto' a failing family falls back to the torch math, with an explicit
+'triton' it raises.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine import linear_math
+from fastsel.engine import kernel_selftest, linear_math
 from fastsel.engine.accumulate import (
     GroupedSqNorms,
     LinearGrads,
@@ -65,9 +68,15 @@ def _valid_range(attention_mask: Tensor) -> Tensor:
     return torch.stack([start, end], dim=1)
 
 
-def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
+def _linear_fns(backend: str, attention_mask: Tensor, *, strict: bool = True,
+                ) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
     """The backend's per-site and grouped squared-norm functions (grouped only for triton) and its per-example
-    gradient function (the single-pass step keeps those)."""
+    gradient function (the single-pass step keeps those).
+
+    Triton: each kernel family is used only once it passed its first-use self-test on the tensors' device and
+    dtypes (`kernel_selftest.usable`); a family that failed falls back to the torch math (`strict` False, i.e.
+    backend 'auto') or raises KernelSelfTestError (`strict`, an explicit backend='triton').
+    """
     if backend != "triton":
         return linear_math.sq_norms, None, linear_math.per_example_grads
     from fastsel import kernels
@@ -82,15 +91,27 @@ def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, Gr
     def ranged(t: int) -> Tensor | None:  # the token ranges apply only to sites over the batch's sequence
         return valid if t == seq_len else None
 
+    def usable(family: str, x: Tensor, delta: Tensor) -> bool:
+        return kernel_selftest.usable(family, x.device, x.dtype, delta.dtype, strict=strict)
+
+    def method_of(x: Tensor, delta: Tensor) -> str:
+        return kernels.choose_method(x.shape[1], delta.shape[2], x.shape[2])
+
     def per_site(x: Tensor, delta: Tensor) -> Tensor:
-        return kernels.linear_sq_norms(x, delta, valid_range=ranged(x.shape[1]))[0]
+        method = method_of(x, delta)
+        if not usable(method, x, delta):
+            return linear_math.sq_norms(x, delta, method)
+        return kernels.linear_sq_norms(x, delta, method=method, valid_range=ranged(x.shape[1]))[0]
 
     def grouped(xs: list[Tensor], deltas: list[Tensor]) -> Tensor:
-        if len({x.shape[1] for x in xs}) != 1:
+        if len({x.shape[1] for x in xs}) != 1 or not all(
+                usable("grouped", x, d) and usable(method_of(x, d), x, d) for x, d in zip(xs, deltas, strict=True)):
             return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
         return kernels.grouped_linear_sq_norms(xs, deltas, valid_range=ranged(xs[0].shape[1]))
 
     def grads(x: Tensor, delta: Tensor) -> Tensor:
+        if not usable("write_grads", x, delta):
+            return linear_math.per_example_grads(x, delta)
         return kernels.linear_sq_norms(x, delta, method="instantiate", write_grads=True,
                                        valid_range=ranged(x.shape[1]))[1]
 
@@ -116,11 +137,13 @@ def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]
 
 
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
-                      backend: str = "torch", keep_grads: bool = False) -> NormPass:
-    """One batched forward+backward with capture hooks; no .grad is written and the model is left as found."""
+                      backend: str = "torch", keep_grads: bool = False, strict: bool = True) -> NormPass:
+    """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
+
+    `strict` (triton only): a kernel family failing its self-test raises instead of falling back to torch."""
     prepared = prepare_for(model, batch)
     batch_size = prepared["input_ids"].shape[0]
-    linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"])
+    linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"], strict=strict)
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -201,6 +224,7 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    strict = backend == "triton"  # asked for by name: a kernel failing its self-test raises, no fallback
     backend = resolve_backend(backend, model)
     targets = find_targets(model, params) if targets is None else targets
     if backend == "naive":
@@ -208,7 +232,7 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
             raise ValueError("keep_grads is not available with backend='naive'")
         result = naive_norm_pass(batch, model, targets)
     else:
-        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads)
+        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads, strict=strict)
     check_finite(result.norms, "gradient norm")
     return result
 

@@ -45,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fastsel.engine.batch import check_batch
 from fastsel.engine.losses import check_finite, per_example_losses
 from fastsel.engine.model_io import forward_logits, prepare_for
-from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
+from fastsel.engine.norms import backward_keeping_grads, norm_pass
 from fastsel.engine.targets import Target, find_targets
 from fastsel.selection.rules import Selection, select_indices
 from fastsel.training import distributed
@@ -277,7 +277,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
 
     with no_sync:
         if needs_norms:
-            measured = norm_pass(batch, model, backend=resolve_backend(backend, model), keep_grads=use_single,
+            measured = norm_pass(batch, model, backend=backend, keep_grads=use_single,
                                  targets=targets)
             losses, norms = measured.losses, measured.norms
         else:

@@ -9,7 +9,6 @@ from tiny import VOCAB, lora, make_batch, tiny_model
 
 import fastsel
 from fastsel.engine.batch import IGNORE_INDEX, prepare_batch
-from fastsel.engine.model_io import vocab_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +42,8 @@ def test_an_example_supervised_only_after_padding_has_no_loss() -> None:
 
 
 def test_vocab_size_of_a_model() -> None:
+    from fastsel.engine.model_io import vocab_size
+
     model = tiny_model()
     assert vocab_size(model) == VOCAB == vocab_size(lora(tiny_model()))
 

@@ -1,0 +1,140 @@
+"""The Triton kernels' first-use self-test, simulated on the CPU: the interpreter kernels stand in for the compiled
+ones (FASTSEL_KERNEL_SELFTEST=always runs the self-test on the CPU too), and a monkeypatched kernel stands in for
+one that miscompiles (a wrong answer) or fails to launch (an exception). Backend 'auto' on CUDA is simulated by
+resolving 'auto' to 'triton'."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny import lora, make_batch, tiny_model
+
+import fastsel
+from fastsel.engine import kernel_selftest as S
+from fastsel.engine import norms
+
+pytest.importorskip("triton")
+from fastsel import kernels  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason="needs triton and CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def first_use(monkeypatch: pytest.MonkeyPatch):
+    """A fresh process as far as the self-test knows, with the self-test on for this device."""
+    monkeypatch.setenv(S.ENV, "always")
+    S.reset()
+    yield
+    S.reset()
+
+
+@pytest.fixture
+def auto_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend='auto' picks the Triton kernels here, as it does on CUDA."""
+    resolve = norms.resolve_backend
+    monkeypatch.setattr(norms, "resolve_backend",
+                        lambda backend, model: "triton" if backend == "auto" else resolve(backend, model))
+
+
+def _break(monkeypatch: pytest.MonkeyPatch, family: str, how: str) -> None:
+    """Make `family`'s kernels give a 1% wrong answer or raise, as a miscompiled kernel would."""
+    real_single, real_grouped = kernels.linear_sq_norms, kernels.grouped_linear_sq_norms
+
+    def single(x, delta, *, method="auto", write_grads=False, valid_range=None):
+        norms_, grads = real_single(x, delta, method=method, write_grads=write_grads, valid_range=valid_range)
+        hit = (family == "write_grads" and write_grads) or (family == method and not write_grads)
+        if hit and how == "raise":
+            raise RuntimeError(f"simulated launch failure of {family}")
+        if hit:
+            return (norms_, grads * 1.01) if write_grads else (norms_ * 1.01, grads)
+        return norms_, grads
+
+    def grouped(xs, deltas, *, method="auto", valid_range=None):
+        out = real_grouped(xs, deltas, method=method, valid_range=valid_range)
+        if family == "grouped" and how == "raise":
+            raise RuntimeError("simulated launch failure of grouped")
+        return out * 1.01 if family == "grouped" else out
+
+    monkeypatch.setattr(kernels, "linear_sq_norms", single)
+    monkeypatch.setattr(kernels, "grouped_linear_sq_norms", grouped)
+
+
+def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" not in name)
+    return model
+
+
+def test_every_family_passes_on_the_real_kernels(first_use) -> None:
+    report = S.run_all(DEV, (torch.float32,))
+    name = S.device_name(DEV)
+    assert set(report) == {f"{name} float32 {family}" for family in S.CHECKS}
+    assert all(v.startswith("passed") for v in report.values()), report
+    assert fastsel.backends()["triton_selftest"] == report
+
+
+@pytest.mark.parametrize("family", list(S.CHECKS))
+@pytest.mark.parametrize("how", ["wrong", "raise"])
+def test_each_check_catches_a_broken_kernel(family: str, how: str, first_use, monkeypatch) -> None:
+    _break(monkeypatch, family, how)
+    result = S.run(family, S.Case(DEV, torch.float32, torch.float32))
+    assert not result.ok
+    assert ("max relative error" in result.detail) if how == "wrong" else ("RuntimeError" in result.detail)
+    others = [f for f in S.CHECKS if f != family]  # the breakage stays in its family
+    assert all(S.run(f, S.Case(DEV, torch.float32, torch.float32)).ok for f in others)
+
+
+@pytest.mark.parametrize("family,how", [("gram", "raise"), ("instantiate", "wrong")])
+def test_auto_falls_back_to_torch_with_one_warning(family: str, how: str, first_use, auto_is_triton,
+                                                   monkeypatch) -> None:
+    """The failing family's sites get the torch math, the others keep the kernels; exact norms either way."""
+    _break(monkeypatch, family, how)
+    model = _full_finetune(tiny_model()) if family == "gram" else lora(tiny_model(), r=4)
+    batch = make_batch([7, 5, 6], side="left")
+    if DEV.type == "cuda":
+        model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
+    expected = fastsel.grad_norms(batch, model, backend="torch")
+    with pytest.warns(S.KernelSelfTestWarning, match=rf"'{family}' kernels on .* failed .*torch backend") as caught:
+        got = fastsel.grad_norms(batch, model, backend="auto")
+    assert len([w for w in caught if issubclass(w.category, S.KernelSelfTestWarning)]) == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.KernelSelfTestWarning)  # one warning per (device, dtype, family)
+        torch.testing.assert_close(fastsel.grad_norms(batch, model, backend="auto"), expected, rtol=1e-5, atol=0)
+        sel = fastsel.selective_backward(batch, model, ratio=0.5, backend="auto", single_pass=True)
+    assert sel.num_selected == 1
+    state = fastsel.backends()["triton_selftest"]
+    key = f"{S.device_name(DEV)} float32 {family}"
+    assert state[key].startswith("FAILED, torch used:") and family in state[key]
+    assert any(v.startswith("passed") for v in state.values())  # the families that were needed and passed
+
+
+def test_explicit_triton_raises_and_leaves_the_model_as_found(first_use, monkeypatch) -> None:
+    _break(monkeypatch, "write_grads", "wrong")
+    model = lora(tiny_model(), r=4)
+    batch = make_batch([7, 5, 6])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert fastsel.grad_norms(batch, model, backend="triton").shape == (3,)  # norms need no write_grads
+    for _ in range(2):  # every time, not only at the first failure
+        with pytest.raises(S.KernelSelfTestError, match="'write_grads' kernels .* explicitly"):
+            fastsel.selective_backward(batch, model, ratio=0.5, backend="triton", single_pass=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_mode_decides_where_it_runs(monkeypatch) -> None:
+    S.reset()
+    monkeypatch.setenv(S.ENV, "auto")
+    assert S.usable("gram", torch.device("cpu"), torch.float32, torch.float32, strict=True) and not S.report()
+    monkeypatch.setenv(S.ENV, "off")
+    assert S.usable("gram", DEV, torch.float32, torch.float32, strict=True) and not S.report()
+    monkeypatch.setenv(S.ENV, "sometimes")
+    with pytest.raises(ValueError, match=S.ENV):
+        S.mode()
+    with pytest.raises(KeyError, match="no self-test for kernel family 'nope'"):
+        S.run("nope", S.Case(DEV, torch.float32, torch.float32))
