@@ -46,6 +46,7 @@ def fastsel_norms(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], T
     """fastsel's one batched pass with the given backend."""
 
     def run(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+        from fastsel.engine.kernel_selftest import KernelSelfTestError
         from fastsel.engine.norms import norm_pass
 
         if backend == "triton":
@@ -53,7 +54,10 @@ def fastsel_norms(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], T
 
             if not (torch.cuda.is_available() and model_device(model).type == "cuda" and kernels.available()):
                 raise Unavailable(NO_TRITON_CPU if model_device(model).type == "cpu" else "triton not available")
-        return norm_pass(batch, model, backend=backend).norms
+        try:
+            return norm_pass(batch, model, backend=backend).norms
+        except KernelSelfTestError as e:  # a kernel family failed its first-use self-test: null, with the reason
+            raise Unavailable(str(e)) from e
 
     return run
 

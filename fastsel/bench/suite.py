@@ -104,6 +104,7 @@ class Plan:
     tiny: bool = False
     models: tuple[str, ...] = ("synthetic", "smollm2", "7b-layers")
     random_weights: bool = False  # SmolLM2's architecture with random weights instead of the embedded file
+    methods: tuple[str, ...] = METHODS  # the others are skipped ("not selected"); plain always runs
 
 
 def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_tokens: int) -> dict[str, str]:
@@ -118,21 +119,26 @@ def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_t
 
 def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
                repeats: int | None = None, warmup: int | None = None, batches: tuple[int, ...] | None = None,
-               seqs: tuple[int, ...] | None = None) -> Plan:
+               seqs: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None,
+               checkpointing: bool = True, methods: tuple[str, ...] | None = None) -> Plan:
     """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
 
     `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
     so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
-    `batches` / `seqs` keep only the cases of those batch sizes / sequence lengths (one device call's share).
+    `batches` / `seqs` / `dtypes` keep only the cases of those batch sizes / sequence lengths / dtypes (one
+    device call's share); `checkpointing=False` drops the gradient-checkpointing cases; `methods` keeps only
+    those norm methods (the rest are null, "not selected"; `plain` always runs, the ratios need it).
     """
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: expected some of {METHODS}")
     if suite not in ("quick", "cpu", "gpu"):
         raise ValueError(f"unknown suite {suite!r}")
     models = models or (("synthetic", "smollm2", "7b-layers") if suite == "gpu" else ("synthetic", "smollm2"))
     cases: list[Case] = []
     training: TrainingCase | None = None
     if tiny:
-        dtypes = ("float32", "bfloat16") if suite == "gpu" else ("float32",)
-        for dtype in dtypes:
+        for dtype in ("float32", "bfloat16") if suite == "gpu" else ("float32",):
             for r in (4, 8) if dtype == "float32" else (4,):
                 cases.append(Case("synthetic", 4, 16, r, dtype))
             cases.append(Case("smollm2", 4, 16, 4, dtype, headline=dtype == "float32"))
@@ -181,9 +187,13 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
         training = TrainingCase("smollm2", 32, 512, 16, steps=8)
         plan = Plan(suite, device, cases, training, warmup=2, repeats=10, models=models)
     plan.cases = [c for c in plan.cases if c.model in models and (batches is None or c.batch in batches)
-                  and (seqs is None or c.seq in seqs)]
-    if plan.training is not None and plan.training.model not in models:
+                  and (seqs is None or c.seq in seqs) and (dtypes is None or c.dtype in dtypes)
+                  and (checkpointing or not c.gradient_checkpointing)]
+    if plan.training is not None and (plan.training.model not in models
+                                      or (dtypes is not None and plan.training.dtype not in dtypes)):
         plan.training = None
+    if methods is not None:
+        plan.methods = tuple(m for m in METHODS if m in methods or m == "plain")
     if repeats is not None:
         plan.repeats = repeats
     if warmup is not None:
@@ -292,6 +302,7 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
     tol = TOLERANCE[case.dtype]
     skipped: dict[str, str] = dict(case.skip)
+    skipped.update({name: "not selected (--methods)" for name in METHODS if name not in plan.methods})
     if plan.device == "cpu" and "fastsel_triton" not in skipped:
         skipped["fastsel_triton"] = NO_TRITON_CPU
     results: dict[str, dict[str, Any] | None] = {}
@@ -549,7 +560,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke run: tiny random models and shapes through the same code path")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="keep only cases of these batch sizes")
     parser.add_argument("--seq", type=int, nargs="+", default=None, help="keep only cases of these lengths")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
+                        help="keep only cases of these dtypes")
+    parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing cases")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="run only these methods (plain always runs; the others are null, 'not selected')")
     parser.add_argument("--no-training", action="store_true", help="skip the training-overhead measurement")
+    parser.add_argument("--training-steps", type=int, default=None, help="steps per timed epoch (default: the suite's)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -565,9 +582,16 @@ def run(args: argparse.Namespace) -> int:
     suite = args.suite or ("quick" if args.quick else "gpu" if device == "cuda" else "cpu")
     models = None if args.model == "all" else (args.model,)
     plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup,
-                      batches=tuple(args.batch) if args.batch else None, seqs=tuple(args.seq) if args.seq else None)
+                      batches=tuple(args.batch) if args.batch else None, seqs=tuple(args.seq) if args.seq else None,
+                      dtypes=tuple(args.dtype) if args.dtype else None, checkpointing=not args.no_checkpointing,
+                      methods=tuple(args.methods) if args.methods else None)
     if args.no_training:
         plan.training = None
+    elif args.training_steps is not None and plan.training is not None:
+        if args.training_steps < 1:
+            print("error: --training-steps must be >= 1", file=sys.stderr)
+            return 2
+        plan.training.steps = args.training_steps
     plan.random_weights = args.random_weights
     torch.manual_seed(args.seed)
     return run_and_report(lambda: run_plan(plan, seed=args.seed), print_table, write_report, args.out)

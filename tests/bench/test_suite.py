@@ -138,3 +138,29 @@ def test_plan_filters_by_batch_and_length() -> None:
     assert plan.cases == [c for c in full.cases if (c.batch, c.seq) == (32, 512)]
     assert {c.model for c in plan.cases} == {"synthetic", "smollm2", "7b-layers"}
     assert any(c.headline for c in plan.cases) and any(c.gradient_checkpointing for c in plan.cases)
+
+
+def test_plan_filters_by_dtype_checkpointing_and_methods() -> None:
+    """The GPU session's headline: SmolLM2 B=32 T=512 in one dtype, no checkpointing, four methods."""
+    plan = bench.build_plan("gpu", "cuda", models=("smollm2",), batches=(32,), seqs=(512,), dtypes=("bfloat16",),
+                            checkpointing=False, methods=("naive", "fastsel_triton"))
+    assert [c.label for c in plan.cases] == ["smollm2 B=32 T=512 r=16 bfloat16"]
+    assert plan.training is None  # the training case is fp32
+    assert plan.methods == ("plain", "naive", "fastsel_triton")
+    fp32 = bench.build_plan("gpu", "cuda", models=("smollm2",), batches=(32,), seqs=(512,), dtypes=("float32",))
+    assert {c.dtype for c in fp32.cases} == {"float32"} and any(c.gradient_checkpointing for c in fp32.cases)
+    assert fp32.training is not None and fp32.methods == bench.METHODS
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.build_plan("gpu", "cuda", methods=("fastest",))
+
+
+def test_unselected_methods_are_null_with_the_reason(tmp_path) -> None:
+    code = main(["bench", "--quick", "--tiny", "--model", "synthetic", "--repeats", "1", "--warmup", "0",
+                 "--methods", "naive", "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    case = report["cases"][0]
+    assert case["methods"]["plain"] and case["methods"]["naive"] and case["methods"]["fastsel_torch"] is None
+    assert case["skipped"]["fastsel_torch"] == "not selected (--methods)"
+    assert main(["bench", "--quick", "--tiny", "--training-steps", "0", "--out", str(tmp_path)]) == 2
