@@ -23,6 +23,7 @@ kernels) adds ONE entry to `CHECKS` and asks `usable(family, ...)` in its dispat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -217,10 +218,10 @@ def run(family: str, case: Case) -> Result:
         raise KeyError(f"no self-test for kernel family {family!r} (known: {', '.join(CHECKS)})")
     start = time.perf_counter()
     try:
-        if case.device.type == "cuda":
-            with torch.cuda.device(case.device):
-                CHECKS[family](case)
-        else:
+        # the caller may be under autocast (train's bf16) or recording gradients: the check runs without either
+        with torch.no_grad(), torch.autocast(case.device.type, enabled=False), contextlib.ExitStack() as stack:
+            if case.device.type == "cuda":
+                stack.enter_context(torch.cuda.device(case.device))
             CHECKS[family](case)
     except KernelMismatch as e:
         return Result(False, str(e), time.perf_counter() - start)

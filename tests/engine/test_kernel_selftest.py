@@ -127,6 +127,13 @@ def test_explicit_triton_raises_and_leaves_the_model_as_found(first_use, monkeyp
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_autocast_around_the_first_use_does_not_fail_the_check(first_use) -> None:
+    """train runs the norm pass under bf16 autocast on CUDA: the check's torch reference must stay fp32."""
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        assert S.usable("write_grads", DEV, torch.float32, torch.float32, strict=True)
+        assert S.usable("gram", DEV, torch.float32, torch.float32, strict=True)
+
+
 def test_the_mode_decides_where_it_runs(monkeypatch) -> None:
     S.reset()
     monkeypatch.setenv(S.ENV, "auto")
