@@ -1,7 +1,8 @@
 """Small helpers every layer may use (the bottom layer: imports nothing of fastsel).
 
 - atomic writes: a reader (or a crash) sees the old file or the new one, never a torn one;
-- `module_mode` / `eval_mode`: a model in train or eval mode for a block, its previous mode restored after.
+- `module_mode` / `eval_mode`: a model in train or eval mode for a block, its previous mode restored after;
+- `format_bytes`: a byte count for messages and tables.
 """
 
 from __future__ import annotations
@@ -116,3 +117,13 @@ def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
 def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """`model.eval()` inside the block (no dropout); the previous mode restored after."""
     return module_mode(model, False)
+
+
+def format_bytes(size: float) -> str:
+    """A byte count for people: 0 B, 912 B, 3.5 KiB, 12 MiB, 1.5 GiB (3 significant digits)."""
+    size = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -64,7 +64,7 @@ from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
 from fastsel.selection.rules import Selection
 from fastsel.training import distributed
 from fastsel.training.options import check_step_options
-from fastsel.training.selective import DEFAULT_MEMORY_BUDGET, selective_backward
+from fastsel.training.selective import selective_backward
 
 __all__ = ["SelectionConfig", "SelectionTrainerMixin", "SelectiveTrainer", "make_selective", "to_fastsel_batch",
            "IdKeepingCollator", "PackedBatchError"]
@@ -90,7 +90,7 @@ class SelectionConfig:
     single_pass: bool | str = "auto"
     seed: int | None = None
     backend: str = "auto"
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    memory_budget_bytes: int | None = None  # None: adaptive (fastsel.training.memory)
     id_column: str | None = "id"
     log_file: str | None = "fastsel_selection.jsonl"
     log_measurements: bool = False

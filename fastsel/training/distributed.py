@@ -40,8 +40,7 @@ def shared_seed(seed: int | None) -> int:
         return seed
     drawn = torch.randint(0, 2**62, (1,))
     if is_distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        drawn = drawn.to(device)
+        drawn = drawn.to(_collective_device())
         dist.broadcast(drawn, src=0)
     return int(drawn.item())
 
@@ -52,6 +51,42 @@ def sum_over_ranks(tensors: list[Tensor]) -> None:
         return
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a min over ranks); `flag` itself without torch.distributed."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on some rank (a max over ranks); `flag` itself without torch.distributed."""
+    return not all_ranks_agree(not flag)
+
+
+def reduce_to_shard(total: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of the sum over ranks of the full-size `total`, laid out like the parameter `like`.
+
+    `like` a DTensor (an FSDP2 parameter): its local shard, by one reduce-scatter (a reduce-scatter and an
+    all-reduce for HSDP) over its device mesh; a plain tensor: the all-reduced sum.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(like, DTensor):
+        mesh = like.device_mesh
+        partial = DTensor.from_local(total, mesh, [Partial()] * mesh.ndim, run_check=False, shape=like.shape,
+                                     stride=like.stride())
+        return partial.redistribute(mesh, like.placements).to_local()
+    total = total.clone()
+    sum_over_ranks([total])
+    return total
 
 
 def world_size() -> int:
