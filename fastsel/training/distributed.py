@@ -58,12 +58,14 @@ def _collective_device() -> torch.device:
 
 
 def all_ranks_agree(flag: bool) -> bool:
-    """True when `flag` is true on every rank (a min over ranks); `flag` itself without torch.distributed."""
+    """True when `flag` is true on every rank; `flag` itself without torch.distributed. (An all-gather of one
+    int per rank: no all-reduce, which stays reserved for gradients.)"""
     if not is_distributed():
         return flag
-    value = torch.tensor([int(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    device = _collective_device()
+    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, torch.tensor([int(flag)], dtype=torch.int32, device=device))
+    return all(bool(f.item()) for f in flags)
 
 
 def any_rank(flag: bool) -> bool:
