@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fastsel.engine.capture import HookContext
 from fastsel.engine.targets import Target
 
 
@@ -34,7 +35,7 @@ def _param_attr(role: str) -> str:
     return role.split(".", 1)[1]  # 'linear.weight' -> 'weight'
 
 
-class ForwardLeaves:
+class ForwardLeaves(HookContext):
     """Context manager recording, per target, the leaf tensor its owner modules use during the forward.
 
     Only active for a sharded model (`is_sharded`); otherwise it installs nothing and `leaves()` returns the
@@ -43,10 +44,10 @@ class ForwardLeaves:
     """
 
     def __init__(self, model: nn.Module, targets: list[Target]) -> None:
+        super().__init__()
         self.targets = targets
         self.active = is_sharded(model)
         self._seen: dict[str, Tensor] = {}
-        self._handles: list = []
 
     def _pre_hook(self, name: str, attr: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple) -> None:
@@ -59,25 +60,16 @@ class ForwardLeaves:
 
         return hook
 
-    def __enter__(self) -> ForwardLeaves:
+    def install(self) -> None:
         if self.active:
-            try:
-                for target in self.targets:
-                    for _, module, role in target.owners:
-                        self._handles.append(module.register_forward_pre_hook(
-                            self._pre_hook(target.name, _param_attr(role))))
-            except BaseException:
-                self.close()
-                raise
+            for target in self.targets:
+                for _, module, role in target.owners:
+                    self._handles.append(module.register_forward_pre_hook(
+                        self._pre_hook(target.name, _param_attr(role))))
+
+    def __enter__(self) -> ForwardLeaves:
+        super().__enter__()
         return self
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def leaves(self, params: list[Tensor]) -> list[Tensor]:
         """The tensors to differentiate for `params` (target parameters): the unsharded leaf seen in the forward,

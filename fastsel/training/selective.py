@@ -7,7 +7,8 @@ DDP: over the globally selected examples, identical on every rank). The optimize
 Single pass: the norm pass keeps each example's gradient of the trainable parameters (small for LoRA:
 B*r*(d_in+d_out) per module), and the subset's gradient is their mean over the kept rows: no second forward or
 backward. Two pass: norm pass, then forward+backward of the selected rows. 'auto' takes the single pass when the
-per-example gradients fit in `memory_budget_bytes`.
+per-example gradients of the rows inside the loss band fit the memory budget, decided between the norm pass's
+forward and backward (fastsel.training.memory); `Selection.pass_reason` says which step ran and why.
 
 Gradient accumulation under DDP: pass `sync=False` for every micro-batch of an optimizer step but the last. The
 selection still gathers all ranks' losses and norms every call (global selection; B floats), but only the last
@@ -18,6 +19,9 @@ trainable parameters over ranks. Averaging leaves rank-identical content unchang
 of sync=True/False calls can count a contribution twice. Forgetting the final `sync=True` would leave gradients
 that differ between ranks: an optimizer step over a parameter holding an unreduced `sync=False` contribution
 raises UnreducedGradientError (a global optimizer step pre-hook, registered only while such contributions exist).
+
+FSDP2 (`fully_shard`): the same contract with sharded `.grad` and one reduce-scatter per window; the deferred
+contributions live in fastsel's own buffer instead of `.grad` (fastsel.training.fsdp).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     # rank 1's budget is too small: both ranks take the two-pass step, and say why
     "budget_disagrees": [dict(strategy="moderate", single_pass="auto", sizes=(6, 6), ratio=0.25,
                               budget=(1 << 30, 10))],
+    # transformers' non-reentrant activation checkpointing under FSDP2 (forward hooks fire again on recompute)
+    "checkpointing": [dict(strategy="moderate", single_pass=True, sizes=(5, 6), ratio=0.3, checkpointing=True)],
     "accum_single": [dict(strategy="moderate", single_pass=True, sizes=(5, 4), ratio=0.3, scale=0.5),
                      dict(strategy="moderate", single_pass=True, sizes=(4, 6), ratio=0.3, scale=0.5)],
     "accum_two_pass": [dict(strategy="moderate", single_pass=False, sizes=(5, 5), ratio=0.3, scale=0.5),
@@ -108,7 +110,12 @@ class Counter:
 
 def run_case(name: str, out_dir: str) -> None:
     rank = dist.get_rank()
-    model = shard_model(case_model())
+    model = case_model()
+    if CASES[name][0].get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        assert model.base_model.model.is_gradient_checkpointing
+    model = shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     counter = Counter()
     micro_results = []
@@ -169,6 +176,11 @@ def run_guard(out_dir: str) -> None:
     # reference: the sync=True call alone
     fastsel.selective_backward(batch, model, sync=True, **kwargs)
     results["alone"] = trainable_full(model, grads=True)
+    try:  # the minimal loop is single-process: refused, with where to go instead
+        fastsel.train(model, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4, batch_size=4, progress=False)
+        results["train"] = "no error"
+    except NotImplementedError as e:
+        results["train"] = str(e)
     torch.save(results, os.path.join(out_dir, f"guard_rank{rank}.pt"))
     dist.barrier()
 

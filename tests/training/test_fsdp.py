@@ -149,3 +149,4 @@ def test_fsdp_unreduced_step_is_refused_and_zero_grad_drops_the_window(fsdp_dir:
             assert case["params_unchanged"], key
             # the dropped window contributes nothing to the next sync=True call
             assert_rel(case["grads"], res["alone"], None, f"rank {r} {key}")
+        assert "train is single-process" in res["train"] and "examples/fsdp_train.py" in res["train"]
