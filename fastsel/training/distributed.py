@@ -57,20 +57,21 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_ranks_agree(flag: bool) -> bool:
-    """True when `flag` is true on every rank; `flag` itself without torch.distributed. (An all-gather of one
-    int per rank: no all-reduce, which stays reserved for gradients.)"""
+def gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's `values` (the same length on each), in rank order: [[values of rank 0], ...]. An int64
+    all-gather, so that byte counts stay exact (no all-reduce: it stays reserved for gradients)."""
     if not is_distributed():
-        return flag
+        return [list(values)]
     device = _collective_device()
-    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(flags, torch.tensor([int(flag)], dtype=torch.int32, device=device))
-    return all(bool(f.item()) for f in flags)
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return [[int(v) for v in part.tolist()] for part in parts]
 
 
 def any_rank(flag: bool) -> bool:
-    """True when `flag` is true on some rank (a max over ranks); `flag` itself without torch.distributed."""
-    return not all_ranks_agree(not flag)
+    """True when `flag` is true on some rank; `flag` itself without torch.distributed."""
+    return any(v[0] for v in gather_ints([int(flag)]))
 
 
 def reduce_to_shard(total: Tensor, like: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ What fastsel does differently from DDP, and why (the simplest exact path):
   the next `sync=True` call reduce-scatters the whole window once. An optimizer step while a buffer is pending
   raises UnreducedGradientError; `zero_grad()` (set_to_none True or False) drops the window: a `sync=False` call
   makes sure `.grad` exists (zeros) so that zeroing it is visible, and a changed `.grad` that is all zeros on every
-  rank (checked at the next `sync=True` call, with one small all-reduce) ends the window.
+  rank (checked at the next `sync=True` call, with one small all-gather) ends the window.
 - FSDP's `set_requires_gradient_sync` does not affect selective_backward (it leaves FSDP nothing to reduce); it
   still governs plain `loss.backward()` calls the user mixes in, which FSDP accumulates and reduces itself.
 - The device mesh of every sharded parameter must span all ranks (FSDP or HSDP over the whole world): global
@@ -132,7 +132,7 @@ def has_pending(model: nn.Module) -> bool:
 
 
 def _still_pending(params: list[Tensor]) -> list[bool]:
-    """Per parameter, whether its window is open - the same answer on every rank (one all-reduce when a `.grad`
+    """Per parameter, whether its window is open - the same answer on every rank (an all-gather when a `.grad`
     was changed from outside since the window was recorded)."""
     if not any(p in _PENDING for p in params):  # the same on every rank: no sync=False call since the last sync
         return [False] * len(params)
@@ -140,15 +140,10 @@ def _still_pending(params: list[Tensor]) -> list[bool]:
     changed = [i for i, s in enumerate(states) if s == "changed"]
     flags = [s == "kept" for s in states]
     if distributed.any_rank(bool(changed)):
-        nonzero = torch.tensor([bool(_local(params[i].grad).any()) if states[i] == "changed" else False
-                                for i in range(len(params))], dtype=torch.int32)
-        if distributed.is_distributed():
-            import torch.distributed as dist
-
-            nonzero = nonzero.to(distributed._collective_device())
-            dist.all_reduce(nonzero, op=dist.ReduceOp.MAX)
+        local = [int(states[i] == "changed" and bool(_local(params[i].grad).any())) for i in range(len(params))]
+        everywhere = distributed.gather_ints(local)
         for i in changed:
-            flags[i] = bool(nonzero[i])
+            flags[i] = any(rank_flags[i] for rank_flags in everywhere)
     return flags
 
 

@@ -14,7 +14,8 @@ The budget (`memory_budget_bytes`): an int is used as given; None (the default) 
 `CUDA_FREE_FRACTION` of the memory free at the decision (after the forward, activations held; the caching
 allocator's reserved-but-unused bytes count as free), elsewhere the fixed `DEFAULT_MEMORY_BUDGET`. Under
 torch.distributed every rank must take the same step (under FSDP2 the two-pass step runs collectives), so the
-single pass runs only if the candidates fit on every rank. 'auto' falls back to the two-pass step when they do not
+single pass runs only if the candidates fit on every rank; the reason, the same text on every rank, names the
+tightest rank. 'auto' falls back to the two-pass step when they do not
 fit - recorded on `Selection.pass_reason` and warned once per process - and `single_pass=True` raises.
 """
 
@@ -41,12 +42,12 @@ FALLBACK_WARNING = ("selective_backward: the per-example gradients of the single
 
 def default_memory_budget(device: torch.device) -> tuple[int, str]:
     """(bytes, how they were chosen) of the adaptive budget on `device`: a fraction of free CUDA memory, else the
-    fixed default."""
+    fixed default. The label names no device, so it reads the same on every rank."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(CUDA_FREE_FRACTION * (free + max(0, cached)))
-        return budget, f"{CUDA_FREE_FRACTION:.0%} of the free memory of {device} ({format_bytes(free + cached)})"
+        return budget, f"{CUDA_FREE_FRACTION:.0%} of the free CUDA memory"
     return DEFAULT_MEMORY_BUDGET, f"the fixed default on {device.type}"
 
 
@@ -98,21 +99,24 @@ class PassPlan:
         else:  # no band on non-finite losses: the norm pass refuses them after its backward
             candidates = torch.ones(all_losses.numel(), dtype=torch.bool)
         local = candidates[offset: offset + losses.numel()].nonzero().flatten()
-        needed = local.numel() * self.row_bytes
         budget, source = self.budget()
-        fits_here = needed <= budget
-        fits = distributed.all_ranks_agree(fits_here)
-        where = "" if distributed.world_size() == 1 else " on this rank"
-        others = " (another rank is over its budget)" if fits_here and not fits else ""
-        what = (f"{local.numel()} of {losses.numel()} row(s) in the loss band{where}: {format_bytes(needed)} of "
-                f"per-example gradients, budget {format_bytes(budget)} ({source})")
+        per_rank = distributed.gather_ints([local.numel() * self.row_bytes, budget])  # the same on every rank
+        fits = all(needed <= allowed for needed, allowed in per_rank)
+        what = f"{int(candidates.sum())} of {all_losses.numel()} row(s) in the loss band"
+        if len(per_rank) == 1:
+            what += f": {format_bytes(per_rank[0][0])} of per-example gradients, budget {format_bytes(budget)}"
+        else:  # the rank closest to (or furthest over) its budget
+            tight = max(range(len(per_rank)), key=lambda r: per_rank[r][0] / max(per_rank[r][1], 1))
+            what += (f" over {len(per_rank)} ranks; tightest rank {tight}: {format_bytes(per_rank[tight][0])} of "
+                     f"per-example gradients, budget {format_bytes(per_rank[tight][1])}")
+        what += f" ({source})"
         if self.single_pass is True and not fits:
-            raise ValueError(f"single_pass=True: the per-example gradients do not fit the memory budget: {what}"
-                             f"{others}; raise memory_budget_bytes or pass single_pass='auto'")
+            raise ValueError(f"single_pass=True: the per-example gradients do not fit the memory budget: {what}; "
+                             "raise memory_budget_bytes or pass single_pass='auto'")
         self.single = fits
         if fits:
             self.reason = f"single pass: {what}"
             return local.to(losses.device)
-        self.reason = f"two pass (over budget): {what}{others}"
+        self.reason = f"two pass (over budget): {what}"
         warnings.warn(FALLBACK_WARNING, RuntimeWarning, stacklevel=2)
         return None

@@ -177,7 +177,7 @@ def run_guard(out_dir: str) -> None:
     fastsel.selective_backward(batch, model, sync=True, **kwargs)
     results["alone"] = trainable_full(model, grads=True)
     try:  # the minimal loop is single-process: refused, with where to go instead
-        fastsel.train(model, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4, batch_size=4, progress=False)
+        fastsel.train(model, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8, batch_size=8, progress=False)
         results["train"] = "no error"
     except NotImplementedError as e:
         results["train"] = str(e)
