@@ -433,7 +433,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
             micro_start = step * cfg.grad_accum
             n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum,
                                                                      total_micro - micro_start)
-            kept_ids, dropped_ids, kept_losses, all_losses, norms = [], [], [], [], []
+            kept_ids, dropped_ids, kept_losses, all_losses, norms, passes = [], [], [], [], [], []
             for m in range(n_micro):
                 epoch, rows = order.next()
                 batch = collate([dataset[i] for i in rows], pad_id)
@@ -450,6 +450,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                                                        sync=m == n_micro - 1)  # DDP: reduce once per step
                 mask = selection.mask.tolist()
                 losses = selection.losses.tolist()
+                passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows "
+                                                        "with the regularizers")
                 kept_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if keep]
                 dropped_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if not keep]
                 kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
@@ -475,7 +477,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                       "loss_all": _mean(all_losses), **_stats(norms), "kept": len(kept_ids),
                       "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
                       "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,
-                      "dropped_ids": dropped_ids}
+                      "dropped_ids": dropped_ids, "pass_reasons": passes}
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
