@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py csrc/select.cpp
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-build-isolation -e ".[triton,experiments,bench,test]" "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-build-isolation -e ".[triton,experiments,bench,qlora,test]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

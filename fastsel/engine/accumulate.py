@@ -154,3 +154,36 @@ class ParamAccumulator:
         if len(parts) > 1:
             raise RuntimeError("internal error: a parameter mixed direct and accumulated contributions")
         return parts[0]
+
+
+class RowSplit:
+    """Two accumulators of one parameter over complementary example rows: per-example gradients kept for `keep`
+    (rows that can still be selected), squared norms only for the rest. Each module call's input and output
+    gradient are split by row, so every row's norm is exactly what one accumulator over all rows would give."""
+
+    def __init__(self, keep: Tensor, rest: Tensor, kept: ParamAccumulator, others: ParamAccumulator) -> None:
+        self.keep, self.rest = keep, rest
+        self.kept, self.others = kept, others
+
+    def add(self, role: str, inp: Tensor, grad_out: Tensor) -> None:
+        keep, rest = self.keep.to(grad_out.device), self.rest.to(grad_out.device)
+        self.kept.add(role, inp.index_select(0, keep.to(inp.device)), grad_out.index_select(0, keep))
+        self.others.add(role, inp.index_select(0, rest.to(inp.device)), grad_out.index_select(0, rest))
+
+    def sq_norms(self) -> Tensor | None:
+        """[B] fp32 squared norms of all rows (None if no call contributed)."""
+        kept, others = self.kept.sq_norms(), self.others.sq_norms()
+        if kept is None and others is None:
+            return None
+        ref = kept if kept is not None else others
+        out = ref.new_zeros(self.keep.numel() + self.rest.numel())
+        if kept is not None:
+            out[self.keep.to(out.device)] = kept
+        if others is not None:
+            out[self.rest.to(out.device)] = others
+        return out
+
+    @property
+    def grads(self) -> Tensor | None:
+        """Per-example gradients of the kept rows, [len(keep), *shape] (in the order of `keep`)."""
+        return self.kept.grads

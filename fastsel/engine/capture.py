@@ -21,7 +21,34 @@ from torch import Tensor, nn
 Sink = Callable[[nn.Module, Tensor, Tensor], None]
 
 
-class Capture:
+class HookContext:
+    """Base of fastsel's hook context managers: `install` registers hooks (their handles in `_handles`); all are
+    removed on exit, also when installing or the block raises."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> HookContext:
+        try:
+            self.install()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Capture(HookContext):
     """Context manager installing the capture hooks on `modules`; `sink(module, input, grad_output)` gets each call.
 
     `forward_calls[module]` counts the calls made while `counting` is true whose outputs require grad: after the
@@ -30,11 +57,11 @@ class Capture:
     """
 
     def __init__(self, modules: Iterable[nn.Module], sink: Sink) -> None:
+        super().__init__()
         self.modules = list(dict.fromkeys(modules))
         self.sink = sink
         self.counting = True
         self.forward_calls: Counter[nn.Module] = Counter()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
@@ -50,19 +77,10 @@ class Capture:
 
         output.register_hook(on_grad)
 
+    def install(self) -> None:
+        for module in self.modules:
+            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+
     def __enter__(self) -> Capture:
-        try:
-            for module in self.modules:
-                self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
-        except BaseException:
-            self.close()
-            raise
+        super().__enter__()
         return self
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

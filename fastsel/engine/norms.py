@@ -11,7 +11,7 @@ Each Triton kernel family runs only after its first-use self-test passed on that
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +23,13 @@ from fastsel.engine.accumulate import (
     LinearGrads,
     LinearSqNorms,
     ParamAccumulator,
+    RowSplit,
     resolve_deferred,
 )
 from fastsel.engine.capture import Capture
 from fastsel.engine.losses import check_finite, per_example_losses
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.sharded import ForwardLeaves
 from fastsel.engine.targets import Target, find_targets
 
 BACKENDS = ("auto", "torch", "triton", "naive")
@@ -41,6 +43,7 @@ class NormPass:
     sq_norms: dict[str, Tensor]  # parameter name -> [B] fp32
     backend: str
     per_example_grads: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, *shape] (keep_grads only)
+    grad_rows: Tensor | None = None  # keep_rows: the rows whose gradients per_example_grads holds, in its order
 
     @property
     def norms(self) -> Tensor:
@@ -118,12 +121,17 @@ def _linear_fns(backend: str, attention_mask: Tensor, *, strict: bool = True,
     return per_site, grouped, grads
 
 
-def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
+def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor],
+                           recorded: ForwardLeaves | None = None) -> list[Tensor | None]:
     """Backward of `total`; return the targets' batch gradients and leave every `.grad` as it was before.
 
     Plain `.backward()` rather than `torch.autograd.grad`, because reentrant gradient checkpointing supports only
-    the former; the user's `.grad` tensors are set aside first and put back afterwards, also on error.
+    the former; the user's `.grad` tensors are set aside first and put back afterwards, also on error. A sharded
+    (FSDP2) model, whose forward ran under `recorded`, is differentiated with `torch.autograd.grad` with respect to
+    the recorded unsharded leaves instead (fastsel.engine.sharded: why): the result is this rank's local gradient.
     """
+    if recorded is not None and recorded.active:
+        return list(torch.autograd.grad(total, recorded.leaves(params), allow_unused=True))
     leaves = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in leaves]
     try:
@@ -136,19 +144,29 @@ def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]
             p.grad = g
 
 
+RowPlan = Callable[[Tensor], "Tensor | None"]
+
+
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
-                      backend: str = "torch", keep_grads: bool = False, strict: bool = True) -> NormPass:
+                      backend: str = "torch", keep_grads: bool = False, keep_rows: RowPlan | None = None,
+                      strict: bool = True) -> NormPass:
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
 
-    `strict` (triton only): a kernel family failing its self-test raises instead of falling back to torch."""
+    `keep_grads` keeps every example's per-example gradients. `keep_rows` decides it after the forward, before the
+    backward: called with the detached per-example losses, it returns the ascending rows whose per-example
+    gradients to keep (the others get their squared norms only), or None to keep none; `NormPass.grad_rows` then
+    says which rows `per_example_grads` holds. The squared norms of all rows are the same either way.
+    `strict` (triton only): a kernel family failing its self-test raises instead of falling back to torch.
+    """
+    if keep_grads and keep_rows is not None:
+        raise ValueError("pass keep_grads or keep_rows, not both")
     prepared = prepare_for(model, batch)
     batch_size = prepared["input_ids"].shape[0]
-    linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"], strict=strict)
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
             owned.setdefault(module, []).append((target.name, role))
-    accumulators: dict[str, ParamAccumulator] = {}
+    accumulators: dict[str, ParamAccumulator | RowSplit] = {}
 
     def sink(module: nn.Module, inp: Tensor, grad_out: Tensor) -> None:
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -156,20 +174,45 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         for name, role in owned[module]:
             accumulators[name].add(role, inp, grad_out)
 
-    with Capture(owned.keys(), sink) as capture:
+    groups: list[tuple[list[ParamAccumulator], GroupedSqNorms | None]] = []
+    split = False
+    with Capture(owned.keys(), sink) as capture, ForwardLeaves(model, targets) as recorded:
         logits = forward_logits(model, prepared)
         losses = per_example_losses(logits, prepared["labels"])
         del logits
         capture.counting = False
-        for target in targets:
-            calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-            accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn,
-                                                         defer=grouped_fn is not None, linear_grads=grads_fn)
-        batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
+        grad_rows = None if keep_rows is None else keep_rows(losses.detach())
+        keep_all = keep_grads or (grad_rows is not None and grad_rows.numel() == batch_size)
+        split = grad_rows is not None and 0 < grad_rows.numel() < batch_size
+        if split:  # per-example gradients for the kept rows only
+            grad_rows = grad_rows.to(losses.device)
+            rest = torch.ones(batch_size, dtype=torch.bool, device=losses.device)
+            rest[grad_rows] = False
+            rest_rows = rest.nonzero().flatten()
+            mask = prepared["attention_mask"]
+            keep_fns = _linear_fns(backend, mask[grad_rows], strict=strict)
+            rest_fns = _linear_fns(backend, mask[rest_rows], strict=strict)
+            for target in targets:
+                calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
+                kept_acc = _accumulator(target, grad_rows.numel(), calls, True, keep_fns)
+                rest_acc = _accumulator(target, rest_rows.numel(), calls, False, rest_fns)
+                accumulators[target.name] = RowSplit(grad_rows, rest_rows, kept_acc, rest_acc)
+            groups = [([a.kept for a in accumulators.values()], keep_fns[1]),
+                      ([a.others for a in accumulators.values()], rest_fns[1])]
+        else:
+            fns = _linear_fns(backend, prepared["attention_mask"], strict=strict)
+            for target in targets:
+                calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
+                accumulators[target.name] = _accumulator(target, batch_size, calls, keep_all, fns)
+            groups = [(list(accumulators.values()), fns[1])]
+        batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
-    if grouped_fn is not None:
-        resolve_deferred(list(accumulators.values()), grouped_fn)
+    for group, grouped_fn in groups:
+        if grouped_fn is not None:
+            resolve_deferred(group, grouped_fn)
 
+    keeping = keep_all or grad_rows is not None  # an empty plan keeps gradients of no row
+    n_kept = batch_size if keep_all else (0 if grad_rows is None else grad_rows.numel())
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
     for target, batch_grad in zip(targets, batch_grads, strict=True):
@@ -182,12 +225,19 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
                     "hooks (it is used outside its nn.Linear/nn.Embedding module): cannot form its per-example norm"
                 )
             sq = torch.zeros(batch_size, device=losses.device)
-            if keep_grads:
-                kept[target.name] = torch.zeros((batch_size, *target.shape), device=losses.device)
-        elif keep_grads:
-            kept[target.name] = acc.grads
+        if keeping:
+            grads = acc.grads if keep_all or split else None
+            kept[target.name] = grads if grads is not None else torch.zeros((n_kept, *target.shape),
+                                                                            device=losses.device)
         sq_norms[target.name] = sq
-    return NormPass(losses.detach(), sq_norms, backend, kept)
+    return NormPass(losses.detach(), sq_norms, backend, kept, None if keep_all else grad_rows)
+
+
+def _accumulator(target: Target, batch_size: int, calls: int, keep_grads: bool,
+                 fns: tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]) -> ParamAccumulator:
+    linear_fn, grouped_fn, grads_fn = fns
+    return ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
+                            linear_grads=grads_fn)
 
 
 def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target]) -> NormPass:
@@ -204,8 +254,9 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
             "labels": prepared["labels"][i][keep][None],
             "position_ids": torch.arange(n, device=keep.device)[None],
         }
-        loss = per_example_losses(forward_logits(model, single), single["labels"])[0]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with ForwardLeaves(model, targets) as recorded:  # FSDP2: the unsharded leaves (engine.sharded)
+            loss = per_example_losses(forward_logits(model, single), single["labels"])[0]
+        grads = torch.autograd.grad(loss, recorded.leaves(params), allow_unused=True)
         losses.append(loss.detach().float())
         rows.append([
             torch.zeros((), device=loss.device) if g is None else g.float().square().sum() for g in grads
@@ -217,10 +268,13 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
 
 
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
-              backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None) -> NormPass:
+              backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None,
+              keep_rows: RowPlan | None = None) -> NormPass:
     """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
 
     `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller already did it.
+    `keep_grads` / `keep_rows`: per-example gradients kept for every row / for the rows chosen after the forward
+    (`batched_norm_pass`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,11 +282,12 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
     backend = resolve_backend(backend, model)
     targets = find_targets(model, params) if targets is None else targets
     if backend == "naive":
-        if keep_grads:
+        if keep_grads or keep_rows is not None:
             raise ValueError("keep_grads is not available with backend='naive'")
         result = naive_norm_pass(batch, model, targets)
     else:
-        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads, strict=strict)
+        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads,
+                                   keep_rows=keep_rows, strict=strict)
     check_finite(result.norms, "gradient norm")
     return result
 

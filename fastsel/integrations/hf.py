@@ -34,7 +34,10 @@ sequence, so every sequence is one example with its own loss and gradient norm (
 received one feature per sequence, as DataCollatorWithFlattening does). fastsel runs the model's plain forward and
 takes its logits, so TRL's fused / chunked LM-head losses (`loss_type="nll"` with `fused_lm_head`, the deprecated
 `"chunked_nll"`) are bypassed and work; losses fastsel cannot reproduce (TRL `loss_type="dft"`, label smoothing, a
-`compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP, Megatron-LM, XLA and `nn.DataParallel`.
+`compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP1, Megatron-LM, XLA and `nn.DataParallel`
+(each with the reason). FSDP2 (accelerate `fsdp_version: 2`) is supported: fastsel's step writes the sharded
+`.grad` itself, one reduce-scatter per optimizer step (fastsel.training.fsdp); accelerate runs FSDP only on
+accelerators (not on CPU processes), so that path is tested through `fully_shard` directly (tests/training/test_fsdp.py).
 
 Costs and limits: unpacked sequences are padded, so packing saves no compute inside fastsel's passes. Under DDP
 every micro-step still gathers the examples' losses and gradient norms (global selection needs them; B floats)
@@ -64,12 +67,24 @@ from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
 from fastsel.selection.rules import Selection
 from fastsel.training import distributed
 from fastsel.training.options import check_step_options
-from fastsel.training.selective import DEFAULT_MEMORY_BUDGET, selective_backward
+from fastsel.training.selective import selective_backward
 
 __all__ = ["SelectionConfig", "SelectionTrainerMixin", "SelectiveTrainer", "make_selective", "to_fastsel_batch",
            "IdKeepingCollator", "PackedBatchError"]
 
-_UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+# Why each refused accelerate distributed type cannot run fastsel's step (FSDP: version 1 only; FSDP2 is supported).
+_UNSUPPORTED_DISTRIBUTED = {
+    "DEEPSPEED": "DeepSpeed ZeRO partitions and reduces gradients inside its engine's backward (bucketed "
+                 "reduce-scatter into flat partitioned buffers, ZeRO-3 gathering parameters in its own hooks): "
+                 "fastsel's step forms the selected examples' gradient itself and cannot hand it to that engine. "
+                 "Use FSDP2 (fsdp_version: 2) for sharded training, or DDP",
+    "FSDP": "FSDP1 flattens parameters into FlatParameters and reduces gradients inside its own backward hooks: "
+            "fastsel supports FSDP2 (`fully_shard`): set fsdp_config={'fsdp_version': 2} (accelerate: "
+            "fsdp_version: 2)",
+    "MEGATRON_LM": "Megatron-LM splits layers across ranks (tensor/pipeline parallelism): fastsel needs every "
+                   "example's whole forward on one rank; use FSDP2 or DDP",
+    "XLA": "XLA devices are not supported by fastsel's hooks and collectives; use CUDA or CPU with DDP or FSDP2",
+}
 
 T = TypeVar("T", bound=type)
 
@@ -90,7 +105,7 @@ class SelectionConfig:
     single_pass: bool | str = "auto"
     seed: int | None = None
     backend: str = "auto"
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    memory_budget_bytes: int | None = None  # None: adaptive (fastsel.training.memory)
     id_column: str | None = "id"
     log_file: str | None = "fastsel_selection.jsonl"
     log_measurements: bool = False
@@ -198,9 +213,11 @@ class SelectionTrainerMixin:
         """Refuse setups whose loss or gradient path fastsel would silently replace or cannot drive."""
         args = self.args
         dist_type = getattr(getattr(self.accelerator, "distributed_type", None), "value", "NO")
-        if dist_type in _UNSUPPORTED_DISTRIBUTED:
-            raise NotImplementedError(f"fastsel selection does not support {dist_type} (it writes .grad itself and "
-                                      "needs whole, unsharded parameters); use DDP or a single device")
+        state = getattr(self.accelerator, "state", None)
+        fsdp_version = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", 1)
+        if dist_type in _UNSUPPORTED_DISTRIBUTED and not (dist_type == "FSDP" and fsdp_version == 2):
+            raise NotImplementedError(f"fastsel selection does not support {dist_type}: "
+                                      f"{_UNSUPPORTED_DISTRIBUTED[dist_type]}")
         if getattr(args, "n_gpu", 1) > 1:
             raise NotImplementedError("fastsel does not support nn.DataParallel (n_gpu > 1): launch one process per "
                                       "GPU with torchrun / accelerate launch (DDP) instead")
@@ -322,6 +339,7 @@ class SelectionTrainerMixin:
             "kept_loss": kept_loss,
             "median_grad_norm": _finite(selection.median),
             "single_pass": selection.single_pass,
+            "pass_reason": selection.pass_reason,
             "packed": info["packed"],
             "note": "; ".join(n for n in (selection.note, info["note"]) if n),
         }

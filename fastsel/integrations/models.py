@@ -63,17 +63,51 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype)
 
 
-def load_model(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for `name`: 'smollm2' (embedded, offline), a local path, or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+QUANTIZATIONS = ("nf4",)
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.float32) -> Any:
+    """bitsandbytes 4-bit NormalFloat (QLoRA's base format) with double quantization, computing in `compute_dtype`."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("quantization='nf4' needs bitsandbytes: pip install 'fastsel[qlora]' (or "
+                          "`pip install bitsandbytes \"torch==<the installed torch>\"`)") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_causal_lm(source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   quantization: str | None = None, **kwargs: Any) -> nn.Module:
+    """A causal LM from a local path or hub id; `quantization='nf4'` loads the base in 4 bits (bitsandbytes;
+    its linear layers' input width must be a multiple of the quantization block, 64) for QLoRA: add LoRA on top
+    (`add_lora`) and train the adapters in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: expected one of {QUANTIZATIONS} or None")
+    device = torch.device(device)
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=nf4_config(dtype),
+                                                device_map=device_map, **kwargs)
+
+
+def load_model(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quantization: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for `name`: 'smollm2' (embedded, offline), a local path, or a hub id; `quantization`:
+    None or 'nf4' (a 4-bit base for QLoRA, `load_causal_lm`)."""
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {}
     source = name
     if name == EMBEDDED:
         source, kwargs = embedded_model_dir(), {"gguf_file": GGUF_FILE}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+    model = load_causal_lm(source, dtype=dtype, device=device, quantization=quantization, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

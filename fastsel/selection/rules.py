@@ -37,6 +37,7 @@ class Selection:
     note: str = ""
     local_indices: Tensor | None = None  # this rank's kept rows (selective_backward; = indices without DDP)
     single_pass: bool | None = None  # how selective_backward formed the gradient
+    pass_reason: str = ""  # why selective_backward took that step (memory budget, options, strategy)
 
     @property
     def num_selected(self) -> int:
@@ -59,6 +60,17 @@ def num_to_keep(ratio: float, batch_size: int) -> int:
     return max(1, math.floor(ratio * batch_size))
 
 
+def candidate_mask(losses: Tensor, loss_band: float | None) -> Tensor:
+    """Bool [B]: the examples the norm strategies may keep (within the loss band; all when loss_band is None).
+
+    Known once the losses are, before any gradient: the single-pass step keeps per-example gradients only for
+    these rows. `losses` as `select_indices` sees them (1-D, float32, CPU).
+    """
+    if loss_band is None:
+        return torch.ones(losses.numel(), dtype=torch.bool)
+    return select_ops.loss_band(losses, float(loss_band))
+
+
 def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, strategy: str = "moderate",
                    loss_band: float | None = 1.0, seed: int | None = None) -> Selection:
     """Apply the selection rule to measured per-example losses and gradient norms (both [B])."""
@@ -75,8 +87,7 @@ def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, st
         chosen = torch.arange(batch_size)
         median = select_ops.median(grad_norms)
         return _finish(chosen, losses, grad_norms, candidates, median, batch_size, strategy, False, "")
-    candidates = (select_ops.loss_band(losses, float(loss_band)) if loss_band is not None
-                  else torch.ones(batch_size, dtype=torch.bool))
+    candidates = candidate_mask(losses, loss_band)
     cand_idx = candidates.nonzero().flatten()
     cand_norms = grad_norms[cand_idx]
     median = select_ops.median(cand_norms) if cand_idx.numel() else math.nan

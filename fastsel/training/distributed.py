@@ -40,8 +40,7 @@ def shared_seed(seed: int | None) -> int:
         return seed
     drawn = torch.randint(0, 2**62, (1,))
     if is_distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        drawn = drawn.to(device)
+        drawn = drawn.to(_collective_device())
         dist.broadcast(drawn, src=0)
     return int(drawn.item())
 
@@ -52,6 +51,45 @@ def sum_over_ranks(tensors: list[Tensor]) -> None:
         return
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's `values` (the same length on each), in rank order: [[values of rank 0], ...]. An int64
+    all-gather, so that byte counts stay exact (no all-reduce: it stays reserved for gradients)."""
+    if not is_distributed():
+        return [list(values)]
+    device = _collective_device()
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return [[int(v) for v in part.tolist()] for part in parts]
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on some rank; `flag` itself without torch.distributed."""
+    return any(v[0] for v in gather_ints([int(flag)]))
+
+
+def reduce_to_shard(total: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of the sum over ranks of the full-size `total`, laid out like the parameter `like`.
+
+    `like` a DTensor (an FSDP2 parameter): its local shard, by one reduce-scatter (a reduce-scatter and an
+    all-reduce for HSDP) over its device mesh; a plain tensor: the all-reduced sum.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(like, DTensor):
+        mesh = like.device_mesh
+        partial = DTensor.from_local(total, mesh, [Partial()] * mesh.ndim, run_check=False, shape=like.shape,
+                                     stride=like.stride())
+        return partial.redistribute(mesh, like.placements).to_local()
+    total = total.clone()
+    sum_over_ranks([total])
+    return total
 
 
 def world_size() -> int:

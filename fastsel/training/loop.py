@@ -14,7 +14,9 @@ EWC penalty: the selection sees the task-loss gradients only, as in the paper. T
 `out_dir/log.jsonl`, and a checkpoint every `save_every` steps and at the end (layout: fastsel.training.checkpoint;
 `resume=True` continues exactly).
 
-Single process only: multi-GPU users call `selective_backward` in their own DDP loop.
+Single process only (refused under torch.distributed or on an FSDP2 model): multi-GPU users call
+`selective_backward` in their own DDP / FSDP2 loop (examples/ddp_train.py, examples/fsdp_train.py) or use the
+Trainer integration.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from torch import Tensor, nn
 from fastsel.engine.batch import REQUIRED_KEYS, collate
 from fastsel.engine.losses import check_finite, per_example_losses
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for, vocab_size
+from fastsel.engine.sharded import is_sharded
 from fastsel.selection.rules import Selection, select, select_indices
 from fastsel.training import checkpoint as ckpt
+from fastsel.training import distributed
 from fastsel.training.options import check_number, check_step_options, is_int
 from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
 from fastsel.training.rows import DataOrder, check_dataset
@@ -145,6 +149,11 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad): nothing to train")
+    if distributed.world_size() > 1 or is_sharded(model):
+        raise NotImplementedError(
+            "train is single-process (its data order, checkpoints and adapter files are one process's): under "
+            "torchrun, call selective_backward in your DDP / FSDP2 loop (examples/ddp_train.py, "
+            "examples/fsdp_train.py) or use fastsel.hf.SelectiveTrainer")
     if cfg.kl_coef > 0 and not callable(getattr(model, "disable_adapter", None)):
         raise ValueError("kl_coef > 0 needs a PEFT model: the reference is the model under disable_adapter()")
     if cfg.ewc_coef > 0:
@@ -419,7 +428,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
             micro_start = step * cfg.grad_accum
             n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum,
                                                                      total_micro - micro_start)
-            kept_ids, dropped_ids, kept_losses, all_losses, norms = [], [], [], [], []
+            kept_ids, dropped_ids, kept_losses, all_losses, norms, passes = [], [], [], [], [], []
             for m in range(n_micro):
                 epoch, rows = order.next()
                 batch = collate([dataset[i] for i in rows], pad_id)
@@ -436,6 +445,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                                                        sync=m == n_micro - 1)  # DDP: reduce once per step
                 mask = selection.mask.tolist()
                 losses = selection.losses.tolist()
+                passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows "
+                                                        "with the regularizers")
                 kept_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if keep]
                 dropped_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if not keep]
                 kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
@@ -461,7 +472,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                       "loss_all": _mean(all_losses), **_stats(norms), "kept": len(kept_ids),
                       "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
                       "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,
-                      "dropped_ids": dropped_ids}
+                      "dropped_ids": dropped_ids, "pass_reasons": passes}
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")

@@ -7,7 +7,8 @@ DDP: over the globally selected examples, identical on every rank). The optimize
 Single pass: the norm pass keeps each example's gradient of the trainable parameters (small for LoRA:
 B*r*(d_in+d_out) per module), and the subset's gradient is their mean over the kept rows: no second forward or
 backward. Two pass: norm pass, then forward+backward of the selected rows. 'auto' takes the single pass when the
-per-example gradients fit in `memory_budget_bytes`.
+per-example gradients of the rows inside the loss band fit the memory budget, decided between the norm pass's
+forward and backward (fastsel.training.memory); `Selection.pass_reason` says which step ran and why.
 
 Gradient accumulation under DDP: pass `sync=False` for every micro-batch of an optimizer step but the last. The
 selection still gathers all ranks' losses and norms every call (global selection; B floats), but only the last
@@ -26,6 +27,9 @@ place or makes a new tensor). Any other change of `.grad` (setting it to None, `
 another tensor, an in-place op) is inspected when it matters, at the next accumulation or optimizer step: if
 `.grad` is None or all zeros the deferred share is gone and the window is over; otherwise (clipping, scaling)
 it is still pending. Only that inspection syncs with the host, and only after such an outside change.
+
+FSDP2 (`fully_shard`): the same contract with sharded `.grad` and one reduce-scatter per window; the deferred
+contributions live in fastsel's own buffer instead of `.grad` (fastsel.training.fsdp).
 """
 
 from __future__ import annotations
@@ -44,15 +48,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsel.engine.batch import check_batch
 from fastsel.engine.losses import check_finite, per_example_losses
-from fastsel.engine.model_io import forward_logits, prepare_for
+from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass
+from fastsel.engine.sharded import ForwardLeaves, is_sharded
 from fastsel.engine.targets import Target, find_targets
 from fastsel.selection.rules import Selection, select_indices
-from fastsel.training import distributed
+from fastsel.training import distributed, fsdp
+from fastsel.training.memory import PassPlan, row_bytes
 from fastsel.training.options import check_step_options
-from fastsel.utils import format_bytes
-
-DEFAULT_MEMORY_BUDGET = 1 << 30
 
 # Parameters whose `.grad` holds a `sync=False` contribution not yet averaged over ranks (-> their _Window), and
 # the optimizer step pre-hook refusing to step them (registered only while this is non-empty).
@@ -177,7 +180,7 @@ def has_deferred_gradients(model: nn.Module) -> bool:
     """Whether a parameter of `model` holds a `sync=False` contribution not yet averaged over ranks."""
     pending = any([_pending(p) for p in model.parameters()])  # a list: every parameter's window is checked
     _drop_guard_if_idle()
-    return pending
+    return pending or fsdp.has_pending(model)
 
 
 def _local_model(model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager]:
@@ -187,20 +190,24 @@ def _local_model(model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContex
     return model, contextlib.nullcontext()
 
 
-def _per_example_grad_bytes(targets: list[Target], batch_size: int) -> int:
-    return sum(batch_size * t.param.numel() * 4 for t in targets)
-
-
 def _rows(batch: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: batch[k][rows.to(batch[k].device)] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def _subset_grads(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
                   rows: Tensor) -> list[Tensor | None]:
-    """Summed gradient of the per-example losses of `rows` (forward+backward of those rows only)."""
+    """Summed gradient of the per-example losses of `rows` (forward+backward of those rows only).
+
+    Under FSDP2 every rank must run the same forward and backward (their all-gathers): a rank holding no selected
+    row runs its first row with weight 0, which adds exactly nothing.
+    """
+    weight = 1.0
+    if rows.numel() == 0:
+        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
     prepared = prepare_for(model, _rows(batch, rows))
-    losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
-    return backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
+    with ForwardLeaves(model, targets) as recorded:
+        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+    return backward_keeping_grads(losses.sum() * weight, model, [t.param for t in targets], recorded)
 
 
 def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale: float, sync: bool) -> None:
@@ -239,12 +246,16 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
                        strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
-                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, sync: bool = True) -> Selection:
+                       memory_budget_bytes: int | None = None, sync: bool = True) -> Selection:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
     `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
-    under DDP; `local_indices` are this rank's rows). Strategies 'full' and 'random' need no norms: one forward
-    and one backward of the kept rows' losses.
+    under DDP / FSDP2; `local_indices` are this rank's rows; `single_pass` and `pass_reason`: which step ran and
+    why). Strategies 'full' and 'random' need no norms: one forward and one backward of the kept rows' losses.
+
+    `single_pass`: 'auto' takes the single pass when the per-example gradients of the rows inside the loss band
+    fit `memory_budget_bytes` (None: adaptive, fastsel.training.memory), else the two-pass step (warned once);
+    True raises instead of falling back; False always runs two passes.
 
     `sync` (matters under torch.distributed only): True (default) ends the call by averaging the trainable
     parameters' `.grad` over ranks, so every rank holds the same gradient. False communicates no gradient: this
@@ -259,31 +270,33 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     Refused before anything reaches `.grad`: a malformed batch (TypeError / ValueError naming the key), token ids
     or labels outside the model's vocabulary (naming example and position), a non-finite loss (every strategy)
     or gradient norm (the norm strategies), naming the examples.
+    Under FSDP2 (`fully_shard`) the same contract holds with sharded `.grad`: fastsel.training.fsdp.
     """
     if not isinstance(sync, bool):
         raise TypeError(f"sync must be a bool, got {sync!r}")
     check_step_options(ratio=ratio, strategy=strategy, loss_band=loss_band, single_pass=single_pass,
                        backend=backend, memory_budget_bytes=memory_budget_bytes, scale=scale, seed=seed)
-    batch_size = int(check_batch(batch)["input_ids"].shape[0])  # before any shape is read
+    check_batch(batch)  # before any shape is read
     model, no_sync = _local_model(model)
     targets = find_targets(model, "trainable")
-    needed = _per_example_grad_bytes(targets, batch_size)
-    fits = needed <= memory_budget_bytes
-    if single_pass is True and not fits:
-        raise ValueError(f"single_pass=True needs {format_bytes(needed)} of per-example gradients, over "
-                         f"memory_budget_bytes={memory_budget_bytes} ({format_bytes(memory_budget_bytes)})")
+    sharded = is_sharded(model)
+    if sharded:
+        fsdp.check_sharded_targets(targets)
     needs_norms = strategy in ("moderate", "low", "high")
-    use_single = needs_norms and (single_pass is True or (single_pass == "auto" and fits))
+    plan = PassPlan(single_pass, strategy, loss_band, memory_budget_bytes, row_bytes(targets), model_device(model))
 
     with no_sync:
         if needs_norms:
-            measured = norm_pass(batch, model, backend=backend, keep_grads=use_single,
-                                 targets=targets)
+            measured = norm_pass(batch, model, backend=backend, targets=targets,
+                                 keep_rows=plan.keep_rows if plan.may_single else None)
             losses, norms = measured.losses, measured.norms
         else:
             prepared = prepare_for(model, batch)
-            live_losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+            with ForwardLeaves(model, targets) as recorded:
+                live_losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
+        if not plan.may_single:
+            plan.settle_without_norm_pass()
         all_losses, offset = distributed.gather_rows(losses)
         all_norms, _ = distributed.gather_rows(norms)
         if not needs_norms:  # the norm pass checked its losses; here nothing must reach .grad (every rank raises)
@@ -293,19 +306,34 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
         local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + losses.numel())]
         local = local - offset
         selection.local_indices = local
-        selection.single_pass = use_single
+        selection.single_pass, selection.pass_reason = plan.single, plan.reason
         kept = selection.num_selected
         if kept == 0:  # nothing to add; a sync=True call still averages what earlier sync=False calls deferred
             summed = [None] * len(targets)
         elif not needs_norms:
             summed = backward_keeping_grads(live_losses[local.to(live_losses.device)].sum(), model,
-                                            [t.param for t in targets])
-        elif use_single:
-            rows = local.to(measured.losses.device)
+                                            [t.param for t in targets], recorded)
+        elif plan.single:
+            rows = _kept_positions(measured.grad_rows, local.to(measured.losses.device))
             summed = [measured.per_example_grads[t.name][rows].sum(dim=0) for t in targets]
-        elif local.numel():
+        elif local.numel() or sharded:  # FSDP2: every rank takes part in the second pass
             summed = _subset_grads(batch, model, targets, local)
         else:
             summed = [None] * len(targets)
-    _apply(targets, summed, kept, scale, sync)
+    if sharded:
+        fsdp.apply_sharded(targets, summed, kept, scale, sync)
+    else:
+        _apply(targets, summed, kept, scale, sync)
     return selection
+
+
+def _kept_positions(grad_rows: Tensor | None, local: Tensor) -> Tensor:
+    """Positions of the selected local rows among the rows whose per-example gradients the norm pass kept (all
+    rows when `grad_rows` is None). Selected rows are candidates, which the plan kept: anything else is a bug."""
+    if grad_rows is None:
+        return local
+    positions = torch.searchsorted(grad_rows, local)
+    found = positions < grad_rows.numel()
+    if not bool(found.all()) or not torch.equal(grad_rows[positions], local):
+        raise RuntimeError("internal error: a selected row is outside the rows whose gradients were kept")
+    return positions

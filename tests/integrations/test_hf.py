@@ -343,6 +343,31 @@ def test_bad_trainer_setups(tmp_path) -> None:
         CustomLoss(model=new_model(), args=training_args(tmp_path), **common)
 
 
+def test_distributed_types_fsdp2_accepted_others_refused_with_why(tmp_path) -> None:
+    """accelerate runs FSDP only on accelerators, so the setup check is driven with the accelerator's state as
+    accelerate sets it (distributed type, fsdp_plugin.fsdp_version); the FSDP2 step itself: test_fsdp.py."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    trainer = SelectiveTrainer(model=new_model(), args=training_args(tmp_path),
+                               train_dataset=Dataset.from_list(token_rows(8)), data_collator=pad_collator)
+
+    def check(kind: DistributedType, fsdp_version: int | None = None) -> None:
+        plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+        trainer.accelerator = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=plugin))
+        trainer._fastsel_check_setup()
+
+    check(DistributedType.FSDP, fsdp_version=2)  # accepted
+    check(DistributedType.MULTI_GPU)
+    with pytest.raises(NotImplementedError, match="FSDP1 flattens parameters.*fsdp_version"):
+        check(DistributedType.FSDP, fsdp_version=1)
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO partitions and reduces gradients"):
+        check(DistributedType.DEEPSPEED)
+    with pytest.raises(NotImplementedError, match="Megatron-LM"):
+        check(DistributedType.MEGATRON_LM)
+
+
 def test_forward_without_logits_is_explained(tmp_path) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

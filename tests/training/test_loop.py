@@ -75,6 +75,8 @@ def test_loop_logs_ids_and_saves(strategy: str, tmp_path) -> None:
         else:
             assert record["norm_median"] is None
         assert record["lr"] == pytest.approx(1e-2) and record["epoch"] == 0 and not record["skipped"]
+        expected = "single pass: " if strategy in ("moderate", "low", "high") else "one pass over the kept rows"
+        assert [r[:len(expected)] for r in record["pass_reasons"]] == [expected]  # which step ran, and why
     after = trainable(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert (result.adapter_path / "adapter_model.safetensors").is_file()

@@ -163,14 +163,19 @@ def test_scale_must_be_a_finite_number(scale) -> None:
 
 
 def test_memory_budget_message_gives_the_real_size() -> None:
-    model = lora(tiny_model(), r=2)
-    batch = make_batch([5, 9, 7])
-    needed = 3 * sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    """single_pass=True over budget names the real size of the per-example gradients (not '0 MiB')."""
+    import re
+
     from fastsel.utils import format_bytes
 
-    with pytest.raises(ValueError, match=rf"needs {format_bytes(needed)} of per-example gradients.*\(0 B\)"):
+    model = lora(tiny_model(), r=2)
+    batch = make_batch([5, 9, 7])
+    per_row = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    with pytest.raises(ValueError, match=r"budget 0 B") as info:
         fastsel.selective_backward(batch, model, single_pass=True, memory_budget_bytes=0)
-    assert format_bytes(needed) != "0 B" and format_bytes(needed).endswith("KiB")
+    rows, size = re.search(r"(\d+) of 3 row\(s\) in the loss band: ([\d.]+ \w+) of per-example gradients",
+                           str(info.value)).groups()
+    assert size == format_bytes(int(rows) * per_row) and size.endswith("KiB")
 
 
 def _plain_backward(batch, model) -> None:
