@@ -11,7 +11,8 @@ from fastsel.experiments.eval.generate import generate_responses
 from fastsel.experiments.eval.metrics import PRIMARY_METRIC, score_predictions
 
 #: Generation budget per task when `max_new_tokens` is not given (GSM8K needs room for its worked solution).
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "medmcqa": 32, "squad_v2": 32, "dolly": 128, "alpaca": 128}
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "medmcqa": 32, "squad_v2": 32, "dolly": 128, "alpaca": 128,
+                          "format_mix": 48}
 
 
 def evaluate_task_detailed(model: nn.Module, tokenizer: Any, task_name: str, examples: Sequence[Any],
