@@ -415,7 +415,8 @@ class Runner:
                     ex = examples.get(row["id"])
                     out.append({"id": row["id"], "loss": loss, "norm": norm,
                                 "answer_tokens": sum(1 for t in row["labels"] if t != -100),
-                                "category": ex.category if ex else task})
+                                "category": ex.category if ex else task,
+                                "format": ex.meta.get("format") if ex else None})
         import torch
 
         tr = self.cfg.training
@@ -577,6 +578,11 @@ def headline(results: dict[str, Any]) -> str:
     lines.append("continual metrics (task scores after each stage): avg / BWT / FM / max drop")
     for method, entry in results["methods"].items():
         lines.append(f"{method:<10} " + " / ".join(_fmt(entry[k]) for k in ("avg_perf", "bwt", "fm", "max_drop")))
+    if results.get("strategies"):
+        from fastsel.experiments.report import ordering_text, safety_table
+
+        lines += ["safety after the last stage: mean [95% bootstrap CI over seeds x prompts]", safety_table(results),
+                  ordering_text(results)]
     return "\n".join(lines)
 
 
