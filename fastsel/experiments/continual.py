@@ -194,6 +194,7 @@ class Runner:
         self.tasks = cfg.task_names
         self._data: dict[str, Any] = {}
         self._judge: Any = None
+        self._reference: Any = None  # the aligned model's log-probs for the KL (teacher_forced.reference_logprobs)
         self.tokenizer: Any = None
         self.base: Any = None
 
@@ -255,12 +256,21 @@ class Runner:
 
     # -- evaluation
     def margin(self, model: Any, *, kl: bool = False) -> dict[str, Any]:
-        """The teacher-forced refusal margin (and KL to the adapter-disabled model) on the harmful prompts."""
-        from fastsel.experiments.eval.teacher_forced import DEFAULT_REFUSAL, refusal_margin
+        """The teacher-forced refusal margin (and KL to the aligned model) on the harmful prompts. The aligned
+        model's log-probs at the scored positions are computed once and reused by every run."""
+        from fastsel.experiments.eval.teacher_forced import (
+            DEFAULT_REFUSAL,
+            margin_continuations,
+            reference_logprobs,
+            refusal_margin,
+        )
 
-        sa = self.cfg.safety
-        return refusal_margin(model, self.tokenizer, self.prompts, refusal=sa.refusal or DEFAULT_REFUSAL,
-                              batch_size=self.cfg.eval.batch_size, kl=kl)
+        refusal, batch_size = self.cfg.safety.refusal or DEFAULT_REFUSAL, self.cfg.eval.batch_size
+        if kl and self._reference is None:
+            self._reference = reference_logprobs(self.base, self.tokenizer, self.prompts,
+                                                 margin_continuations(self.prompts, refusal), batch_size=batch_size)
+        return refusal_margin(model, self.tokenizer, self.prompts, refusal=refusal, batch_size=batch_size, kl=kl,
+                              reference=self._reference if kl else None)
 
     def evaluate(self, model: Any, *, reference: bool = True) -> dict[str, Any]:
         """Safety on the harmful prompts (ASR by the configured judge, refusal / compliance / degenerate

@@ -18,6 +18,8 @@ from fastsel.experiments.eval.teacher_forced import (
     compliance_prefix,
     continuation_ids,
     continuation_scores,
+    margin_continuations,
+    reference_logprobs,
     refusal_margin,
 )
 
@@ -143,3 +145,18 @@ def test_argument_checks(tok) -> None:
     was_training = model.train().training
     refusal_margin(model, tok, ["a"])
     assert model.training == was_training  # mode restored
+
+
+def test_cached_reference_equals_the_adapter_disabled_pass(tok) -> None:
+    """reference_logprobs of the plain model, reused: the same KL as disabling the adapter every time."""
+    model = lora(len(tok))
+    with model.disable_adapter():
+        ref = reference_logprobs(model, tok, PROMPTS, margin_continuations(PROMPTS), batch_size=3)
+    live = refusal_margin(model, tok, PROMPTS, batch_size=2, kl=True)
+    cached = refusal_margin(model, tok, PROMPTS, batch_size=4, kl=True, reference=ref)
+    assert cached["kl_per_prompt"] == pytest.approx(live["kl_per_prompt"], rel=1e-5)
+    assert cached["per_prompt"] == pytest.approx(live["per_prompt"], abs=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        refusal_margin(model, tok, PROMPTS, kl=True, reference=ref, refusal="other text")
+    with pytest.raises(ValueError, match="holds 4 prompts, not 2"):
+        refusal_margin(model, tok, PROMPTS[:2], kl=True, reference=ref)
