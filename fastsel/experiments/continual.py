@@ -215,6 +215,7 @@ class Runner:
             max_length = self.cfg.training.max_length
             for data in self._data.values():
                 data["rows"] = list(tokenize_examples(data["train"], self.tokenizer, max_length))
+                data["test_rows"] = list(tokenize_examples(data["test"], self.tokenizer, max_length))
 
     def _load_prompts(self) -> list[Any]:
         from fastsel.experiments.data import (
@@ -279,7 +280,13 @@ class Runner:
         bootstrap CIs need. reference=False: `model` is the aligned model itself (no KL to measure)."""
         from collections import Counter
 
-        from fastsel.experiments.eval import ThreeWayJudge, evaluate_task_detailed, generate_responses
+        from fastsel.experiments.data import pad_token_id_of
+        from fastsel.experiments.eval import (
+            ThreeWayJudge,
+            evaluate_task_detailed,
+            generate_responses,
+            heldout_losses,
+        )
         from fastsel.experiments.eval.safety import judge_responses
 
         ev, sa = self.cfg.eval, self.cfg.safety
@@ -331,10 +338,14 @@ class Runner:
                                   "score": [100.0 * float(r[detail["metric"]]) for r in rows]}
             if rows and "terse" in rows[0]:
                 per_row[spec.name]["terse"] = [100.0 * float(r["terse"]) for r in rows]
+            per_row[spec.name]["loss"] = heldout_losses(model, self._data[spec.name]["test_rows"],
+                                                        pad_token_id=pad_token_id_of(self.tokenizer),
+                                                        batch_size=ev.batch_size)
         responses_out = [{"id": r["id"], "category": r["category"], "prompt": r["prompt"], "response": r["response"],
                           "label": lab["reason"].split(":", 1)[0], "reason": lab["reason"], "unsafe": r["unsafe"]}
                          for r, lab in zip(asr["responses"], labels, strict=True)]
         return {"asr": float(asr["asr"]), "asr_per_category": asr["per_category"], "scores": scores,
+                "task_loss": {t: sum(v["loss"]) / len(v["loss"]) for t, v in per_row.items() if v["loss"]},
                 "safety": safety, "per_prompt": per_prompt, "lookalikes": lookalikes, "task_per_row": per_row,
                 "asr_samples": responses_out[:5], "safety_responses": responses_out, "task_samples": samples,
                 "eval_s": time.time() - start}

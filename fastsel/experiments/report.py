@@ -108,7 +108,7 @@ def audit_table(rows: list[dict[str, Any]]) -> str:
 SAFETY_COLUMNS = (("asr", "ASR (%)", 1), ("refusal_rate", "refusals (%)", 1), ("degenerate_rate", "degenerate (%)", 1),
                   ("refusal_margin", "refusal margin (nats/token)", 3), ("kl_harmful", "KL to aligned (nats)", 4),
                   ("over_refusal", "over-refusal (%)", 1), ("task", "task accuracy (%)", 1),
-                  ("task_terse", "terse answers (%)", 1))
+                  ("task_terse", "terse answers (%)", 1), ("task_loss", "held-out loss (nats/token)", 3))
 METRIC_NAMES = {"asr": "ASR", "refusal_margin": "refusal margin", "kl_harmful": "KL to the aligned model"}
 
 

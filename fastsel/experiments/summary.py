@@ -22,7 +22,7 @@ HYPOTHESIS = ("high", "random", "moderate", "low")
 HARM_DIRECTION = {"asr": 1, "refusal_margin": -1, "kl_harmful": 1}
 #: The metrics summarized (each a seeds x items matrix: `_matrix_rows`).
 METRICS = ("asr", "refusal_rate", "degenerate_rate", "refusal_margin", "kl_harmful", "over_refusal", "task",
-           "task_terse")
+           "task_terse", "task_loss")
 
 
 def _matrix_rows(stage: Mapping[str, Any]) -> dict[str, list[float] | None]:
@@ -33,6 +33,7 @@ def _matrix_rows(stage: Mapping[str, Any]) -> dict[str, list[float] | None]:
     per_row = stage.get("task_per_row") or {}
     task = [v for t in sorted(per_row) for v in per_row[t]["score"]] or None
     terse = [v for t in sorted(per_row) for v in per_row[t].get("terse", [])] or None
+    loss = [v for t in sorted(per_row) for v in per_row[t].get("loss", [])] or None
     return {
         "asr": [100.0 * u for u in pp["unsafe"]] if pp.get("unsafe") is not None else None,
         "refusal_rate": [100.0 * (x == "refusal") for x in labels] if labels else None,
@@ -42,6 +43,7 @@ def _matrix_rows(stage: Mapping[str, Any]) -> dict[str, list[float] | None]:
         "over_refusal": [100.0 * (x == "refusal") for x in look["label"]] if look.get("label") else None,
         "task": task,
         "task_terse": terse,
+        "task_loss": loss,
     }
 
 

@@ -160,3 +160,24 @@ def test_cached_reference_equals_the_adapter_disabled_pass(tok) -> None:
         refusal_margin(model, tok, PROMPTS, kl=True, reference=ref, refusal="other text")
     with pytest.raises(ValueError, match="holds 4 prompts, not 2"):
         refusal_margin(model, tok, PROMPTS[:2], kl=True, reference=ref)
+
+
+def test_heldout_losses_batched_equal_one_row_at_a_time(tok) -> None:
+    """Padded batches give each row exactly its own mean answer-token NLL."""
+    from fastsel.experiments.data import Example, tokenize_examples
+    from fastsel.experiments.eval import heldout_losses
+
+    examples = [Example(f"t:{i}", "t", p, a, "t") for i, (p, a) in enumerate(
+        [("hi", "yes"), ("a much longer prompt here", "a long answer with many tokens"), ("q", "1")])]
+    rows = tokenize_examples(examples, tok, 96)
+    model = lora(len(tok))
+    batched = heldout_losses(model, rows, pad_token_id=0, batch_size=3)
+    for row, got in zip(rows, batched, strict=True):
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor(row["labels"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        target = labels[1:]
+        keep = target != -100
+        expected = -lp[keep.nonzero().flatten(), target[keep]].mean()
+        assert got == pytest.approx(float(expected), rel=1e-5)

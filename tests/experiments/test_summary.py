@@ -108,7 +108,7 @@ def test_tiny_experiment_results_schema(tiny_experiment: Path) -> None:
     assert results["seeds"] == [0, 1] and results["n_prompts"] == 3
     assert list(results["strategies"]) == methods
     for entry in results["strategies"].values():
-        for key in ("asr", "refusal_margin", "degenerate_rate", "kl_harmful", "task", "over_refusal"):
+        for key in ("asr", "refusal_margin", "degenerate_rate", "kl_harmful", "task", "over_refusal", "task_loss"):
             assert set(entry[key]) == {"mean", "ci95", "per_seed"} and len(entry[key]["per_seed"]) == 2
             lo, hi = entry[key]["ci95"]
             assert lo <= entry[key]["mean"] <= hi

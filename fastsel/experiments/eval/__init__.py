@@ -32,6 +32,7 @@ _LAZY = {
     "over_refusal_rate": "fastsel.experiments.eval.safety",
     "evaluate_task": "fastsel.experiments.eval.task_eval",
     "evaluate_task_detailed": "fastsel.experiments.eval.task_eval",
+    "heldout_losses": "fastsel.experiments.eval.task_eval",
     "DEFAULT_MAX_NEW_TOKENS": "fastsel.experiments.eval.task_eval",
     "score_predictions": "fastsel.experiments.eval.metrics",
     "extract_number": "fastsel.experiments.eval.metrics",
