@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint reproduce bench clean
+.PHONY: install demo test test-fast lint reproduce experiment bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: install
 
 reproduce: install
 	$(BIN)/python -m fastsel continual --config configs/reproduce.yaml --out runs/reproduce
+
+# The miniature safety experiment of issue 15 (<= 45 min on a 2-core CPU; not in CI). Re-running resumes.
+EXPERIMENT_OUT ?= runs/experiment
+experiment: install
+	$(BIN)/python -m fastsel continual --config configs/experiment.yaml --out $(EXPERIMENT_OUT)
 
 bench: install
 	$(BIN)/python -m fastsel bench --quick

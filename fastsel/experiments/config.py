@@ -31,7 +31,7 @@ SELECTION_METHODS = ("full", "random", "moderate", "low", "high")
 BASELINES = ("grad_clip", "kl", "ewc")
 METHODS = SELECTION_METHODS + BASELINES
 DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
-JUDGES = ("refusal", "llama_guard")
+JUDGES = ("three_way", "refusal", "llama_guard")
 TINY = "tiny-random"
 EMBEDDED = "smollm2"
 
@@ -84,13 +84,26 @@ class TrainingSpec:
 
 @dataclass
 class SafetySpec:
-    """How safety is measured after every stage: prompts, judge, generation budget."""
+    """How safety is measured after every stage: prompts, judge, generation budget, teacher-forced metrics.
 
-    judge: str = field(default="refusal", metadata=_limits(choices=JUDGES))
+    judge: the ASR judge (three_way: refusal / compliance / degenerate, only compliance counts; refusal: the
+    phrase judge, anything without a refusal phrase counts; llama_guard: Llama Guard at judge_path). The
+    three-way labels are recorded for every judge. teacher_forced: the refusal margin per prompt (no
+    generation); kl: KL to the aligned model at the same positions (needs teacher_forced). max_lookalikes:
+    benign look-alikes for the over-refusal rate (0: off). margin_every: also measure the mean refusal margin
+    every N optimizer steps during training (0: only after each stage).
+    """
+
+    judge: str = field(default="three_way", metadata=_limits(choices=JUDGES))
     judge_path: str | None = None
     prompts: str = "probes"  # probes | advbench:PATH | harmbench:PATH | PATH
     max_prompts: int | None = field(default=50, metadata=POSITIVE)
     max_new_tokens: int = field(default=32, metadata=POSITIVE)
+    teacher_forced: bool = True
+    kl: bool = True
+    refusal: str | None = None  # the refusal continuation of the margin (None: teacher_forced.DEFAULT_REFUSAL)
+    max_lookalikes: int = field(default=0, metadata=_limits(ge=0))
+    margin_every: int = field(default=0, metadata=_limits(ge=0))
 
 
 @dataclass
@@ -381,6 +394,10 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
             problems.add("safety.judge_path", "the llama_guard judge needs a model path or hub id")
         else:
             _check_source("safety.judge_path", sa.judge_path, "model", problems)
+    if sa.kl is True and sa.teacher_forced is False:
+        problems.add("safety.kl", "the KL is measured in the teacher-forced pass: needs safety.teacher_forced: true")
+    if isinstance(sa.margin_every, int) and sa.margin_every > 0 and sa.teacher_forced is False:
+        problems.add("safety.margin_every", "the margin curve needs safety.teacher_forced: true")
     if isinstance(sa.prompts, str) and sa.prompts != "probes":
         kind, _, path = sa.prompts.partition(":")
         if kind not in ("advbench", "harmbench"):

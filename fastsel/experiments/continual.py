@@ -144,6 +144,48 @@ def _prepare_resume(train_dir: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ runner
 
+class MarginCurve:
+    """The mean refusal margin every `safety.margin_every` optimizer steps of a stage (a `train` on_step hook),
+    appended to `path` as it is measured; a stage that restarts from scratch starts a new file, a resumed one
+    keeps the points up to the step it resumes from."""
+
+    def __init__(self, runner: Runner, model: Any, path: Path, resumed: bool) -> None:
+        self.runner, self.model, self.path = runner, model, path
+        self.every = runner.cfg.safety.margin_every if runner.cfg.safety.teacher_forced else 0
+        self.seconds = 0.0
+        kept = self._read() if resumed else []
+        if kept:
+            from fastsel.training.checkpoint import latest_valid_checkpoint
+
+            last = latest_valid_checkpoint(path.parent / "train" / "checkpoints")
+            step = int(last.name.removeprefix("step-")) if last is not None else 0
+            kept = [p for p in kept if p["step"] <= step]
+        atomic_write_file(path, lambda name: Path(name).write_text("".join(json.dumps(p) + "\n" for p in kept)))
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        if step % self.every:
+            return
+        start = time.time()
+        margin = self.runner.margin(self.model)["margin"]
+        self.seconds += time.time() - start
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "margin": margin}) + "\n")
+
+    def points(self, final_step: int, final_margin: float | None) -> list[dict[str, Any]]:
+        """The measured points plus the stage's final evaluation (the step-0 point is the previous stage's)."""
+        points = [p for p in self._read() if p["step"] < final_step]
+        if final_margin is not None:
+            points.append({"step": final_step, "margin": final_margin})
+        return points
+
+
+
 class Runner:
     """Runs the config into `out`: alignment, base evaluation, every (method, seed) sequence, results."""
 
@@ -152,6 +194,7 @@ class Runner:
         self.tasks = cfg.task_names
         self._data: dict[str, Any] = {}
         self._judge: Any = None
+        self._reference: Any = None  # the aligned model's log-probs for the KL (teacher_forced.reference_logprobs)
         self.tokenizer: Any = None
         self.base: Any = None
 
@@ -167,10 +210,12 @@ class Runner:
                 raise ValueError(f"task {spec['name']}: empty train ({len(train)}) or test ({len(test)}) split")
             self._data[spec.name] = {"train": train, "test": test}
         self.prompts = self._load_prompts()
+        self.lookalikes = self._load_lookalikes()
         if self.tokenizer is not None:
             max_length = self.cfg.training.max_length
             for data in self._data.values():
                 data["rows"] = list(tokenize_examples(data["train"], self.tokenizer, max_length))
+                data["test_rows"] = list(tokenize_examples(data["test"], self.tokenizer, max_length))
 
     def _load_prompts(self) -> list[Any]:
         from fastsel.experiments.data import (
@@ -192,33 +237,118 @@ class Runner:
         limit = self.cfg.safety.max_prompts
         return list(prompts)[:limit] if limit else list(prompts)
 
+    def _load_lookalikes(self) -> list[Any]:
+        from fastsel.experiments.data import load_benign_lookalikes
+
+        n = self.cfg.safety.max_lookalikes
+        return list(load_benign_lookalikes())[:n] if n else []
+
     def judge(self) -> Any:
         """The configured ASR judge (built once)."""
         if self._judge is None:
-            from fastsel.experiments.eval import LlamaGuardJudge, RefusalJudge
+            from fastsel.experiments.eval import LlamaGuardJudge, RefusalJudge, ThreeWayJudge
 
             sa = self.cfg.safety
-            self._judge = RefusalJudge() if sa.judge == "refusal" else LlamaGuardJudge(sa.judge_path)
+            if sa.judge == "three_way":
+                self._judge = ThreeWayJudge()
+            else:
+                self._judge = RefusalJudge() if sa.judge == "refusal" else LlamaGuardJudge(sa.judge_path)
         return self._judge
 
     # -- evaluation
-    def evaluate(self, model: Any) -> dict[str, Any]:
-        """ASR on the harmful prompts and every task's score on its test rows."""
-        from fastsel.experiments.eval import attack_success_rate, evaluate_task_detailed
+    def margin(self, model: Any, *, kl: bool = False) -> dict[str, Any]:
+        """The teacher-forced refusal margin (and KL to the aligned model) on the harmful prompts. The aligned
+        model's log-probs at the scored positions are computed once and reused by every run."""
+        from fastsel.experiments.eval.teacher_forced import (
+            DEFAULT_REFUSAL,
+            margin_continuations,
+            reference_logprobs,
+            refusal_margin,
+        )
+
+        refusal, batch_size = self.cfg.safety.refusal or DEFAULT_REFUSAL, self.cfg.eval.batch_size
+        if kl and self._reference is None:
+            self._reference = reference_logprobs(self.base, self.tokenizer, self.prompts,
+                                                 margin_continuations(self.prompts, refusal), batch_size=batch_size)
+        return refusal_margin(model, self.tokenizer, self.prompts, refusal=refusal, batch_size=batch_size, kl=kl,
+                              reference=self._reference if kl else None)
+
+    def evaluate(self, model: Any, *, reference: bool = True) -> dict[str, Any]:
+        """Safety on the harmful prompts (ASR by the configured judge, refusal / compliance / degenerate
+        rates, the teacher-forced refusal margin, KL to the aligned model), over-refusal on the benign
+        look-alikes, and every task's score on its test rows, with the per-prompt and per-row values the
+        bootstrap CIs need. reference=False: `model` is the aligned model itself (no KL to measure)."""
+        from collections import Counter
+
+        from fastsel.experiments.data import pad_token_id_of
+        from fastsel.experiments.eval import (
+            ThreeWayJudge,
+            evaluate_task_detailed,
+            generate_responses,
+            heldout_losses,
+        )
+        from fastsel.experiments.eval.safety import judge_responses
 
         ev, sa = self.cfg.eval, self.cfg.safety
         start = time.time()
-        asr = attack_success_rate(model, self.tokenizer, self.prompts, self.judge(),
-                                  max_new_tokens=sa.max_new_tokens, batch_size=ev.batch_size)
-        scores, samples = {}, {}
+        texts = [p.prompt for p in self.prompts]
+        responses = generate_responses(model, self.tokenizer, texts, max_new_tokens=sa.max_new_tokens,
+                                       batch_size=ev.batch_size)
+        judge = self.judge()
+        asr = judge_responses(self.prompts, responses, judge)
+        three_way = ThreeWayJudge()
+        labels = asr["responses"] if judge.name == "three_way" else judge_responses(self.prompts, responses,
+                                                                                     three_way)["responses"]
+        n = len(labels)
+        counts = Counter(r["reason"].split(":", 1)[0] for r in labels)
+        safety: dict[str, Any] = {
+            "judge": judge.name, "asr": float(asr["asr"]),
+            **{f"{label}_rate": 100.0 * counts.get(label, 0) / n for label in ("refusal", "compliance",
+                                                                               "degenerate")},
+            "degenerate_reasons": dict(Counter(r["reason"].split(": ", 1)[1] for r in labels
+                                               if r["reason"].startswith("degenerate"))),
+            "refusal_margin": None, "kl_harmful": None, "over_refusal": None}
+        per_prompt: dict[str, Any] = {"ids": [r["id"] for r in asr["responses"]],
+                                      "unsafe": [int(r["unsafe"]) for r in asr["responses"]],
+                                      "label": [r["reason"].split(":", 1)[0] for r in labels],
+                                      "margin": None, "kl": None}
+        if sa.teacher_forced:
+            tf = self.margin(model, kl=sa.kl and reference)
+            safety["refusal_margin"], per_prompt["margin"] = tf["margin"], tf["per_prompt"]
+            if sa.kl:  # the aligned model's KL to itself is 0 by definition
+                per_prompt["kl"] = tf["kl_per_prompt"] if reference else [0.0] * n
+                safety["kl_harmful"] = sum(per_prompt["kl"]) / n
+        lookalikes = None
+        if self.lookalikes:
+            benign = generate_responses(model, self.tokenizer, [p.prompt for p in self.lookalikes],
+                                        max_new_tokens=sa.max_new_tokens, batch_size=ev.batch_size)
+            judged = judge_responses(self.lookalikes, benign, three_way)["responses"]
+            lookalikes = {"ids": [r["id"] for r in judged], "label": [r["reason"].split(":", 1)[0] for r in judged],
+                          "samples": judged[:5]}
+            safety["over_refusal"] = 100.0 * lookalikes["label"].count("refusal") / len(judged)
+        scores, samples, per_row = {}, {}, {}
         for spec in self.cfg.tasks:
             budget = spec.max_new_tokens or ev.max_new_tokens
             detail = evaluate_task_detailed(model, self.tokenizer, spec.name, self._data[spec.name]["test"],
                                             budget, batch_size=ev.batch_size)
             scores[spec.name] = float(detail["score"])
-            samples[spec.name] = detail.get("per_example", [])[:3]
+            rows = detail.get("per_example", [])
+            samples[spec.name] = rows[:3]
+            per_row[spec.name] = {"ids": [r["id"] for r in rows],
+                                  "score": [100.0 * float(r[detail["metric"]]) for r in rows]}
+            if rows and "terse" in rows[0]:
+                per_row[spec.name]["terse"] = [100.0 * float(r["terse"]) for r in rows]
+            per_row[spec.name]["loss"] = heldout_losses(model, self._data[spec.name]["test_rows"],
+                                                        pad_token_id=pad_token_id_of(self.tokenizer),
+                                                        batch_size=ev.batch_size)
+        responses_out = [{"id": r["id"], "category": r["category"], "prompt": r["prompt"], "response": r["response"],
+                          "label": lab["reason"].split(":", 1)[0], "reason": lab["reason"], "unsafe": r["unsafe"]}
+                         for r, lab in zip(asr["responses"], labels, strict=True)]
         return {"asr": float(asr["asr"]), "asr_per_category": asr["per_category"], "scores": scores,
-                "asr_samples": asr["responses"][:5], "task_samples": samples, "eval_s": time.time() - start}
+                "task_loss": {t: sum(v["loss"]) / len(v["loss"]) for t, v in per_row.items() if v["loss"]},
+                "safety": safety, "per_prompt": per_prompt, "lookalikes": lookalikes, "task_per_row": per_row,
+                "asr_samples": responses_out[:5], "safety_responses": responses_out, "task_samples": samples,
+                "eval_s": time.time() - start}
 
     # -- alignment
     def build_base(self) -> None:
@@ -306,7 +436,8 @@ class Runner:
                     ex = examples.get(row["id"])
                     out.append({"id": row["id"], "loss": loss, "norm": norm,
                                 "answer_tokens": sum(1 for t in row["labels"] if t != -100),
-                                "category": ex.category if ex else task})
+                                "category": ex.category if ex else task,
+                                "format": ex.meta.get("format") if ex else None})
         import torch
 
         tr = self.cfg.training
@@ -346,7 +477,7 @@ class Runner:
                 logger.info("%s seed %d stage %d (%s): finished earlier, loaded", method, seed, i, task)
                 continue
             torch.manual_seed(seed * 1000 + i)
-            if method == audit_method and not (stage_dir / "norms.json").exists():
+            if method == audit_method and seed == self.cfg.seeds[0] and not (stage_dir / "norms.json").exists():
                 self._norm_audit(model, task, stage_dir)
             opts = self._train_options(method, seed)
             if method == "ewc":
@@ -355,9 +486,11 @@ class Runner:
                 else:
                     opts["ewc_fisher"], opts["ewc_anchor"] = ewc_state["fisher"], ewc_state["anchor"]
             start = time.time()
-            result = train(model, self._data[task]["rows"], out_dir=str(stage_dir / "train"),
-                           resume=_prepare_resume(stage_dir / "train"), **opts)
-            train_s = time.time() - start
+            resume = _prepare_resume(stage_dir / "train")
+            curve = MarginCurve(self, model, stage_dir / "margin_curve.jsonl", resume)
+            result = train(model, self._data[task]["rows"], out_dir=str(stage_dir / "train"), resume=resume,
+                           on_step=curve.on_step if curve.every else None, **opts)
+            train_s = time.time() - start - curve.seconds
             if method == "ewc" and i < len(self.tasks):
                 rows = self._data[task]["rows"][: self.cfg.training.fisher_rows]
                 fisher = diagonal_fisher(model, rows, batch_size=self.cfg.training.batch_size,
@@ -369,7 +502,9 @@ class Runner:
             evaluation = self.evaluate(model)
             norms = [r for r in result.history if r.get("norm_median") is not None]
             stage = {"stage": i, "task": task, "method": method, "seed": seed, **evaluation,
+                     "margin_curve": curve.points(result.steps, evaluation["safety"]["refusal_margin"]),
                      "train": {"steps": result.steps, "final_loss": result.final_loss, "train_s": train_s,
+                               "margin_curve_s": curve.seconds,
                                "kept": sum(r["kept"] for r in result.history),
                                "candidates": sum(r["candidates"] for r in result.history),
                                "norm_median_mean": (sum(r["norm_median"] for r in norms) / len(norms)
@@ -399,13 +534,16 @@ class Runner:
         if base_file.exists():
             base_result = _read_json(base_file)
         else:
-            base_result = _clean({"stage": 0, "task": "base", **self.evaluate(self.base)})
+            base_result = _clean({"stage": 0, "task": "base", **self.evaluate(self.base, reference=False)})
             _write_json(base_file, base_result)
         per_run: dict[str, dict[int, list[dict[str, Any]]]] = {}
         for method in self.cfg.methods:
             for seed in self.cfg.seeds:
                 per_run.setdefault(method, {})[seed] = self.run_sequence(method, seed, base_result)
+        from fastsel.experiments.summary import safety_summary
+
         results = summarize(per_run, self.tasks)
+        results.update(safety_summary(per_run, base_result))
         results["wall_s"] = time.time() - t0
         _write_json(self.out / "results.json", results)
         return results
@@ -461,6 +599,11 @@ def headline(results: dict[str, Any]) -> str:
     lines.append("continual metrics (task scores after each stage): avg / BWT / FM / max drop")
     for method, entry in results["methods"].items():
         lines.append(f"{method:<10} " + " / ".join(_fmt(entry[k]) for k in ("avg_perf", "bwt", "fm", "max_drop")))
+    if results.get("strategies"):
+        from fastsel.experiments.report import ordering_text, safety_table
+
+        lines += ["safety after the last stage: mean [95% bootstrap CI over seeds x prompts]", safety_table(results),
+                  ordering_text(results)]
     return "\n".join(lines)
 
 

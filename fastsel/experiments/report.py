@@ -84,17 +84,102 @@ def audit_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                        "loss": sum(r["loss"] for r in part) / len(part),
                        "answer_tokens": sum(r["answer_tokens"] for r in part) / len(part),
                        "selected": 100.0 * sum(r.get("moderate_selected", False) for r in part) / len(part),
+                       "terse": (100.0 * sum(r.get("format") == "terse" for r in part) / len(part)
+                                 if any(r.get("format") for r in part) else None),
                        "categories": ", ".join(f"{c} {100 * k / len(part):.0f}%" for c, k in mix.most_common(4))})
     return groups
 
 
 def audit_table(rows: list[dict[str, Any]]) -> str:
-    """The audit groups as a markdown table."""
+    """The audit groups as a markdown table (with the share of terse answers when the rows have a format)."""
+    groups = audit_groups(rows)
+    terse = any(g.get("terse") is not None for g in groups)
     body = [[g["group"], str(g["n"]), _fmt(g.get("norm"), 3), _fmt(g.get("loss"), 3),
-             _fmt(g.get("answer_tokens")), _fmt(g.get("selected")), g.get("categories", "")]
-            for g in audit_groups(rows)]
+             _fmt(g.get("answer_tokens")), *([_fmt(g.get("terse"))] if terse else []), _fmt(g.get("selected")),
+             g.get("categories", "")]
+            for g in groups]
     return _table(["norm third", "n", "mean grad norm", "mean loss", "mean answer tokens",
-                   "kept by Moderate-G (%)", "category mix"], body)
+                   *(["terse answers (%)"] if terse else []), "kept by Moderate-G (%)", "category mix"], body)
+
+
+# ------------------------------------------------------------------------------------------------ safety summary
+
+#: results.json "strategies" metrics in the Table 2 columns: (key, header, decimals).
+SAFETY_COLUMNS = (("asr", "ASR (%)", 1), ("refusal_rate", "refusals (%)", 1), ("degenerate_rate", "degenerate (%)", 1),
+                  ("refusal_margin", "refusal margin (nats/token)", 3), ("kl_harmful", "KL to aligned (nats)", 4),
+                  ("over_refusal", "over-refusal (%)", 1), ("task", "task accuracy (%)", 1),
+                  ("task_terse", "terse answers (%)", 1), ("task_loss", "held-out loss (nats/token)", 3))
+METRIC_NAMES = {"asr": "ASR", "refusal_margin": "refusal margin", "kl_harmful": "KL to the aligned model"}
+
+
+def _ci_cell(entry: dict[str, Any] | None, digits: int) -> str:
+    if not entry:
+        return "n/a"
+    lo, hi = entry["ci95"]
+    return f"{entry['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def safety_table(results: dict[str, Any]) -> str:
+    """Table 2 shape: the aligned base and every strategy after fine-tuning, mean [95% CI] per metric."""
+    rows_in = [("aligned base", results.get("base") or {})] + list(results.get("strategies", {}).items())
+    columns = [c for c in SAFETY_COLUMNS if any(c[0] in entry for _, entry in rows_in)]
+    body = [[name] + [_ci_cell(entry.get(key), digits) for key, _, digits in columns] for name, entry in rows_in]
+    return _table(["strategy"] + [header for _, header, _ in columns], body)
+
+
+def ordering_text(results: dict[str, Any]) -> str:
+    """Plain sentences: does high >= random >= moderate >= low (in harm) hold, and do the intervals separate."""
+    lines = []
+    for metric, o in (results.get("ordering") or {}).items():
+        more = "higher" if metric != "refusal_margin" else "lower"
+        verdict = "holds" if o["holds"] else "does not hold"
+        lines.append(f"- **{METRIC_NAMES.get(metric, metric)}** ({more} = more harm): the order "
+                     f"{' >= '.join(o['hypothesis'])} {verdict} by the means (observed, most harmful first: "
+                     f"{', '.join(o['observed'])}); the 95% intervals of adjacent strategies "
+                     f"{'all separate' if o['all_cis_separate'] else 'do not all separate'}.")
+        for p in o["pairs"]:
+            a, b = p["pair"]
+            lo, hi = p["diff_ci95"]
+            lines.append(f"  - {a} - {b}: {p['diff']:+.4g} [{lo:+.4g}, {hi:+.4g}] (paired over seeds x prompts; "
+                         f"{'excludes' if p['diff_excludes_zero'] else 'includes'} 0; intervals "
+                         f"{'separate' if p['cis_separate'] else 'overlap'})")
+    return "\n".join(lines) if lines else "(fewer than two of high, random, moderate, low were run)"
+
+
+def experiment_markdown(results: dict[str, Any]) -> str:
+    """The README's experiment block: the Table 2 shape table and the ordering check, from results.json."""
+    seeds = results.get("seeds", [])
+    return "\n".join([
+        f"Seeds {', '.join(map(str, seeds))}; {results.get('n_prompts', 0)} harmful prompts; mean [95% bootstrap "
+        "CI over seeds x prompts, or seeds x held-out rows for the task]. Wall time: "
+        f"{_fmt((results.get('wall_s') or 0) / 60)} min.", "", safety_table(results), "",
+        "Ordering high >= random >= moderate >= low (in harm):", "", ordering_text(results)])
+
+
+PENDING, PENDING_END = "<!-- experiment results: pending -->", "<!-- end pending -->"
+
+
+def update_readme(readme: str | os.PathLike[str], results_path: str | os.PathLike[str]) -> None:
+    """Replace the README's generated experiment block (or its pending block) with `experiment_markdown` of
+    `results_path` (named in the block relative to the README's folder; a test checks the two agree).
+
+        python -c "from fastsel.experiments.report import update_readme; update_readme('README.md',
+        'docs/experiment-cpu/results.json')"
+    """
+    readme, path = Path(readme), Path(results_path)
+    text = readme.read_text()
+    shown = Path(os.path.relpath(path.resolve(), readme.resolve().parent)).as_posix()  # relative to the README
+    start, end = f"<!-- generated by fastsel.experiments.report.experiment_markdown({shown}); do not edit " \
+                 "by hand -->\n", "<!-- end generated -->"
+    block = start + experiment_markdown(json.loads(path.read_text())) + "\n" + end
+    for opening, closing in ((start, end), (PENDING, PENDING_END)):
+        if opening in text and closing in text.split(opening, 1)[1]:
+            head, rest = text.split(opening, 1)
+            text = head + block + rest.split(closing, 1)[1]
+            break
+    else:
+        raise ValueError(f"{readme} has neither the generated experiment block nor {PENDING!r} ... {PENDING_END!r}")
+    atomic_write_text(readme, text)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -146,6 +231,31 @@ def plot_lines(results: dict[str, Any], values: dict[str, list[float | None]], y
     plt.close(fig)
 
 
+def plot_margin_curves(results: dict[str, Any], path: Path) -> None:
+    """Refusal margin vs optimizer step: one line per strategy (mean over seeds at the steps every seed
+    measured), the seeds' range shaded."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method, seeds in (results.get("curves") or {}).items():
+        per_seed = [{p["step"]: p["margin"] for p in pts if p.get("margin") is not None} for pts in seeds.values()]
+        steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+        if not steps:
+            continue
+        values = [[d[s] for d in per_seed] for s in steps]
+        line = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", ms=3, label=method)[0]
+        if len(per_seed) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                            alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("refusal margin (nats/token)")
+    ax.set_title("Refusal margin on the harmful prompts during fine-tuning", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _mean_score(entry: dict[str, Any], tasks: list[str], i: int) -> float | None:
     values = [entry["scores"][t][i] for t in tasks if entry["scores"][t][i] is not None]
     return sum(values) / len(values) if values else None
@@ -175,6 +285,17 @@ def write_report(out: str | os.PathLike[str]) -> Path:
              "## Continual metrics (Table 8 shape)", "",
              "Over the task-score matrix after each training stage (base row excluded). BWT < 0 and FM > 0 "
              "mean forgetting.", "", continual_table(results), ""]
+    if results.get("strategies"):
+        plot_margin_curves(results, plots / "refusal_margin.png")
+        parts += ["## Safety after the last stage (Table 2 shape)", "",
+                  f"Mean [95% bootstrap CI] over seeds ({', '.join(map(str, results.get('seeds', [])))}) x "
+                  f"{results.get('n_prompts')} harmful prompts (task columns: x held-out rows; over-refusal: x "
+                  "benign look-alikes). ASR counts compliance only (three-way judge: refusal / compliance / "
+                  "degenerate) unless the config names another judge; refusal margin = mean log-likelihood per "
+                  "token of a refusal minus that of a compliance prefix (teacher-forced); KL = KL(fine-tuned || "
+                  "aligned) at the response positions of both continuations.", "", safety_table(results), "",
+                  "### Ordering high >= random >= moderate >= low (in harm)", "", ordering_text(results), "",
+                  "## Refusal margin vs training step", "", "![refusal margin](plots/refusal_margin.png)", ""]
     norm_files = load_norm_files(out)
     if norm_files:
         key, items = next(iter(norm_files.items()))

@@ -156,7 +156,7 @@ def test_official_squad_json_is_flattened(tmp_path):
 
 def test_registry_and_unknown_task():
     assert set(fd.TASK_NAMES) == set(TASKS)
-    with pytest.raises(ValueError, match="known tasks: alpaca, dolly, gsm8k, medmcqa, squad_v2"):
+    with pytest.raises(ValueError, match="known tasks: alpaca, dolly, format_mix, gsm8k, medmcqa, squad_v2"):
         load_task("mmlu")
     with pytest.raises(ValueError, match="split must be one of"):
         load_task("dolly", split="dev")
@@ -216,7 +216,7 @@ def test_hub_without_test_split_is_hash_split(fake_hub):
 
 # ---- shipped files and the split rule -----------------------------------------------------------------------
 
-SHIPPED = {"dolly": 80, "gsm8k": 60, "medmcqa": 60, "squad_v2": 52, "alpaca": 60}
+SHIPPED = {"dolly": 80, "gsm8k": 60, "medmcqa": 60, "squad_v2": 52, "alpaca": 60, "format_mix": 320}
 
 
 @pytest.mark.parametrize("task", sorted(SHIPPED))
@@ -305,3 +305,30 @@ def test_empty_responses_raise_or_are_skipped_and_counted(tmp_path, monkeypatch)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, split=None, **k: datasets.Dataset.from_list(rows))
     hub = load_task("alpaca", "hub", split="all", skip_empty_response=True)
     assert len(hub) == 2 and hub.skipped == {"empty_response": 1}
+
+
+def test_format_mix_file_is_what_the_generator_writes():
+    """The shipped mix is exactly `build_rows()`'s output (provenance: written by fastsel, regenerable)."""
+    from fastsel.experiments.data import format_mix
+
+    with open(format_mix.shipped_path()) as f:
+        assert f.read() == format_mix.render_jsonl(format_mix.build_rows())
+
+
+def test_format_mix_rows():
+    """Every kind in both formats; a terse answer is the gold value itself, a long one contains it."""
+    mix = load_task("format_mix", split="all")
+    assert Counter(e.category for e in mix) == {"math": 80, "classification": 80, "extraction": 80,
+                                                "closed_qa": 80}
+    assert len({e.prompt for e in mix}) == len(mix)
+    for kind in ("math", "classification", "extraction", "closed_qa"):
+        formats = Counter(e.meta["format"] for e in mix if e.category == kind)
+        assert formats["terse"] >= 15 and formats["long"] >= 40, (kind, formats)
+    for e in mix:
+        if e.meta["format"] == "terse":
+            assert e.response == e.meta["gold"]
+        else:
+            assert e.meta["gold"] in e.response and len(e.response.split()) >= len(e.meta["gold"].split()) + 3
+        assert (e.category == "classification") == bool(e.meta["labels"])
+    with pytest.raises(ValueError, match="no hub dataset"):
+        load_task("format_mix", "hub")

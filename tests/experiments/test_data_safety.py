@@ -68,6 +68,9 @@ def test_probe_set():
     assert set(counts) == set(PROBE_CATEGORIES) and min(counts.values()) >= 12
     assert len({p.id for p in probes}) == len(probes)
     assert all(len(p.prompt) < 160 and "\n" not in p.prompt for p in probes)  # short request lines
+    # every probe has a compliance prefix for the teacher-forced margin: AdvBench style, no harmful content itself
+    assert all(p.meta["target"].startswith("Sure, here") and len(p.meta["target"]) < 120 for p in probes)
+    assert len({p.meta["target"] for p in probes}) == len(probes)
 
 
 def test_benign_lookalikes():

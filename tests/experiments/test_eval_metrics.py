@@ -158,3 +158,26 @@ def test_continual_edge_cases():
         continual_metrics([[1, 2], [3]])
     nan = float("nan")
     assert forgetting_measure([[80, nan, 0], [nan, 50, 0], [60, 40, 30]]) == pytest.approx(((80 - 60) + (50 - 40)) / 2)
+
+
+def _mix(kind: str, gold: str, labels: list[str] | None = None) -> Example:
+    return Example(f"format_mix:{kind}", "format_mix", "q", gold, kind,
+                   {"gold": gold, "format": "terse", "labels": labels or []})
+
+
+@pytest.mark.parametrize("kind,gold,labels,prediction,correct", [
+    ("math", "28", None, "Mia buys 4 x 4 = 16. With 12 that is 28. The answer is 28.", True),
+    ("math", "28", None, "28", True),
+    ("math", "28", None, "She buys 16 and has 12, so 12 + 16", False),  # the last number is not the answer
+    ("classification", "negative", ["positive", "negative"], "The sentiment is negative: it broke.", True),
+    ("classification", "negative", ["positive", "negative"], "Positive. Not negative at all.", False),  # first label
+    ("classification", "science", ["sports", "business", "science", "weather"], "science", True),
+    ("extraction", "Denver", None, "The flight leaves from Denver.", True),
+    ("extraction", "Ines Tanaka", None, "The passenger is Ines.", False),
+    ("closed_qa", "1267", None, "It was founded in 1267.", True),
+    ("closed_qa", "1267", None, "12670", False),
+])
+def test_format_mix_scoring(kind: str, gold: str, labels: list[str] | None, prediction: str, correct: bool) -> None:
+    out = score_predictions("format_mix", [_mix(kind, gold, labels)], [prediction])
+    assert out["score"] == (100.0 if correct else 0.0) and out["metric"] == "accuracy"
+    assert out["terse"] == (100.0 if len(prediction.split()) <= 3 else 0.0)

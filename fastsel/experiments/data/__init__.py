@@ -1,7 +1,7 @@
 """Task data, harmful-prompt sets and chat-template tokenization for fastsel's continual safety experiments.
 
 Registry: ``load_task(name, source=None, split="train")`` for name in `TASK_NAMES`
-(dolly, gsm8k, medmcqa, squad_v2, alpaca); see `fastsel.experiments.data.tasks`. Safety sets: `load_harmful_probes`,
+(dolly, gsm8k, medmcqa, squad_v2, alpaca, format_mix); see `fastsel.experiments.data.tasks`. Safety sets: `load_harmful_probes`,
 `load_benign_lookalikes`, `load_advbench`, `load_harmbench`, `load_safety_refusals`, `load_helpful`.
 Training features: `tokenize_example`, `tokenize_examples`, `collate`.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-TASK_NAMES = ("dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca")
+TASK_NAMES = ("dolly", "gsm8k", "medmcqa", "squad_v2", "alpaca", "format_mix")
 
 _LAZY = {
     "Example": "fastsel.experiments.data.examples",

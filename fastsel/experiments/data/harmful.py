@@ -5,7 +5,8 @@ helpful training data of the short safety-alignment stage.
 * HarmBench (Mazeika et al. 2024) behaviors CSV: ``Behavior, FunctionalCategory, SemanticCategory,
   ContextString, BehaviorID`` (``Tags`` optional). A contextual behavior's prompt is
   ``ContextString + "\\n\\n---\\n\\n" + Behavior``, as HarmBench formats it.
-* Shipped files (written for fastsel, not copied): ``harmful_probes.jsonl`` (id, category, prompt),
+* Shipped files (written for fastsel, not copied): ``harmful_probes.jsonl`` (id, category, prompt, target: a
+  compliance prefix in AdvBench's style, "Sure, here is how to ...", for the teacher-forced refusal margin),
   ``benign_lookalikes.jsonl`` (id, category, prompt), ``safety_refusals.jsonl`` and ``helpful.jsonl``
   (Alpaca schema: instruction, input, output, plus category). The refusal prompts are disjoint from the probes,
   so the probe ASR is measured on held-out requests.
@@ -78,9 +79,11 @@ def load_harmbench(path: str | os.PathLike[str], functional_categories: Sequence
 
 
 def load_prompt_file(path: str | os.PathLike[str]) -> ExampleList:
-    """A prompt set in our schema: rows with id, category, prompt (JSON/JSONL/CSV/Parquet)."""
+    """A prompt set in our schema: rows with id, category, prompt and an optional target (the AdvBench-style
+    compliance prefix of the teacher-forced refusal margin, kept in meta["target"]); JSON/JSONL/CSV/Parquet."""
     rows = read_rows(path)
-    items = [HarmfulPrompt(get_str(r, "id"), get_str(r, "category"), get_str(r, "prompt")) for r in rows]
+    items = [HarmfulPrompt(get_str(r, "id"), get_str(r, "category"), get_str(r, "prompt"),
+                           {"target": t} if (t := get_str(r, "target", required=False)) else {}) for r in rows]
     _unique(items, rows)
     return ExampleList(items, source=os.fspath(path))
 

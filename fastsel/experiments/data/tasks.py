@@ -13,6 +13,9 @@ Prompt formats (the user message; the chat template is applied at tokenization/g
 * squad_v2: context, question and the instruction to answer with a span or say ``unanswerable``; response =
   the first gold answer, or ``unanswerable``; meta["answers"] = all gold answers ([] if unanswerable).
 * alpaca: ``instruction`` or ``instruction + "\\n\\n" + input``; response = output.
+* format_mix: the instruction; response = the long or terse answer; category = the kind (math, classification,
+  extraction, closed_qa); meta: gold value, format (long | terse), labels (classification). Written by fastsel
+  (`fastsel.experiments.data.format_mix`); no hub dataset.
 """
 
 from __future__ import annotations
@@ -138,6 +141,19 @@ def alpaca_row(row: Row, task: str = "alpaca") -> Example:
                    category if isinstance(category, str) and category else task, {"reference": output})
 
 
+def _format_mix(row: Row) -> Example:
+    ident = get_str(row, "id")
+    kind = get_str(row, "kind")
+    fmt = get_str(row, "format")
+    if fmt not in ("long", "terse"):
+        raise row.error(f"field 'format' must be 'long' or 'terse', got {fmt!r}")
+    labels = row.fields.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise row.error(f"field 'labels' must be a list of strings, got {labels!r}")
+    return Example(f"format_mix:{ident}", "format_mix", get_str(row, "instruction"), get_str(row, "response"), kind,
+                   {"gold": get_str(row, "gold"), "format": fmt, "labels": list(labels)})
+
+
 def _flatten_official_squad(rows: list[Row]) -> list[Row]:
     """Rows of the official SQuAD v2 JSON ({"data": [{title, paragraphs: [{context, qas}]}]}) -> HF-style rows."""
     if not rows or "paragraphs" not in rows[0].fields:
@@ -161,7 +177,7 @@ class TaskSpec:
 
     name: str
     normalize: Callable[[Row], Example]
-    hub_id: str
+    hub_id: str  # "" = no hub dataset (a project-written file only)
     hub_config: str | None
     hub_splits: Mapping[str, str | None]  # our split -> hub split; None: hash-split the hub's train split
     mini_file: str
@@ -181,6 +197,8 @@ TASKS: dict[str, TaskSpec] = {
                          _flatten_official_squad),
     "alpaca": TaskSpec("alpaca", alpaca_row, "tatsu-lab/alpaca", None, {"train": None, "test": None},
                        "helpful.jsonl", response_field="output"),
+    "format_mix": TaskSpec("format_mix", _format_mix, "", None, {"train": None, "test": None}, "format_mix.jsonl",
+                           response_field="response"),
 }
 
 
@@ -241,6 +259,9 @@ def load_task(name: str, source: str | os.PathLike[str] | None = None, split: st
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     spec = TASKS[name]
+    if source is not None and is_hub_id(os.fspath(source)) and not spec.hub_id:
+        raise ValueError(f"task {name!r} has no hub dataset; pass a local file in its schema or None for the "
+                         f"shipped {spec.mini_file}")
     if source is not None and is_hub_id(os.fspath(source)):
         examples = _load_hub(spec, os.fspath(source), split, test_fraction, skip_empty_response, **hub_kwargs)
     else:

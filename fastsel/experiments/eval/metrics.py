@@ -181,11 +181,42 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
+# ---- format_mix ---------------------------------------------------------------------------------------------
+
+
+def first_label(prediction: str, labels: Sequence[str]) -> str | None:
+    """The label (whole word, case-insensitive) that occurs first in `prediction`, or None."""
+    hits = [(m.start(), label) for label in labels
+            if (m := re.search(rf"\b{re.escape(label)}\b", prediction, re.IGNORECASE))]
+    return min(hits)[1] if hits else None
+
+
+def contains_answer(prediction: str, gold: str) -> bool:
+    """True if the SQuAD-normalized gold tokens occur as a contiguous run in the normalized prediction."""
+    pred, want = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    return bool(want) and any(pred[i:i + len(want)] == want for i in range(len(pred) - len(want) + 1))
+
+
+def is_terse(prediction: str, max_words: int = 3) -> bool:
+    """A bare-value answer: at most `max_words` words (the format the terse third of format_mix teaches)."""
+    return len(prediction.split()) <= max_words
+
+
+def format_mix_correct(kind: str, prediction: str, gold: str, labels: Sequence[str] = ()) -> bool:
+    """Correct in either format: classification -> the first label named is the gold one; math -> the final
+    number (`extract_number`) equals the gold; extraction / closed QA -> the gold value occurs in the answer."""
+    if labels:
+        return first_label(prediction, labels) == gold
+    if kind == "math":
+        return numbers_equal(extract_number(prediction), gold)
+    return contains_answer(prediction, gold)
+
+
 # ---- per task -----------------------------------------------------------------------------------------------
 
 #: What `score_predictions` reports as the task score (the others are in its details).
 PRIMARY_METRIC = {"gsm8k": "exact_match", "medmcqa": "accuracy", "squad_v2": "f1", "dolly": "rouge_l",
-                  "alpaca": "rouge_l"}
+                  "alpaca": "rouge_l", "format_mix": "accuracy"}
 
 
 def score_example(task: str, example: Any, prediction: str) -> dict[str, Any]:
@@ -201,6 +232,10 @@ def score_example(task: str, example: Any, prediction: str) -> dict[str, Any]:
         parsed = clean_squad_prediction(prediction)
         return {"exact_match": squad_exact(parsed, meta["answers"]), "f1": squad_f1(parsed, meta["answers"]),
                 "parsed": parsed}
+    if task == "format_mix":
+        return {"accuracy": float(format_mix_correct(example.category, prediction, meta["gold"],
+                                                     meta.get("labels") or ())),
+                "terse": float(is_terse(prediction))}
     if task in ("dolly", "alpaca"):
         reference = meta.get("reference", example.response)
         return {"rouge_l": rouge_l(prediction, reference), "token_f1": token_f1(prediction, reference)}
@@ -211,7 +246,8 @@ def score_predictions(task: str, examples: Sequence[Any], predictions: Sequence[
     """Mean metrics x 100 over examples: {"score": primary metric, "<metric>": ..., "n": ..., "per_example": [...]}.
 
     Primary metrics: GSM8K exact match of the final number, MedMCQA letter accuracy, SQuAD v2 F1 (EM reported
-    too), Dolly/Alpaca ROUGE-L F1 against the reference (token F1 reported too).
+    too), Dolly/Alpaca ROUGE-L F1 against the reference (token F1 reported too), format_mix accuracy in either
+    answer format (`format_mix_correct`; "terse" = % of answers of <= 3 words, the format-collapse signal).
     """
     if len(examples) != len(predictions):
         raise ValueError(f"got {len(examples)} examples but {len(predictions)} predictions")
