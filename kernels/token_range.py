@@ -1,4 +1,4 @@
-"""The one Triton helper the norm kernels share: an example's valid token range [start, end)."""
+"""The one Triton helper the norm kernels share: the tokens of one example, a segment (row, start, end)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import triton.language as tl
 
 
 @triton.jit
-def example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE: tl.constexpr):
-    """[start, end) of example b from the ranges tensor, or [0, T) when no ranges were given."""
+def segment_range(r_ptr, s, stride_rs, T, HAS_RANGE: tl.constexpr):
+    """(row, start, end) of example s from the int32 [S, 3] segments, or (s, 0, T) when none were given."""
     if HAS_RANGE:
-        start = tl.load(r_ptr + b * stride_rb)
-        end = tl.load(r_ptr + b * stride_rb + 1)
+        row = tl.load(r_ptr + s * stride_rs).to(tl.int64)
+        start = tl.load(r_ptr + s * stride_rs + 1)
+        end = tl.load(r_ptr + s * stride_rs + 2)
     else:
+        row = s
         start = 0
         end = T
-    return start, end
+    return row, start, end
