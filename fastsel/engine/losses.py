@@ -68,7 +68,11 @@ def token_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
 
 
-def per_example_kl(logits_p: Tensor, logits_q: Tensor, positions: Tensor) -> Tensor:
-    """[B] mean over each example's selected `positions` ([B, T] bool) of KL(p || q), in fp32."""
+def per_example_kl(logits_p: Tensor, logits_q: Tensor, positions: Tensor, segments: Segments | None = None) -> Tensor:
+    """[B] mean over each example's selected `positions` ([B, T] bool) of KL(p || q), in fp32 (per sequence of a
+    packed batch with its `segments`; T may be the batch's width or one less, the shifted positions)."""
     kl = token_kl(logits_p, logits_q) * positions
+    if segments is not None and segments.packed:
+        pad = (0, segments.width - kl.shape[1])
+        return segments.sum(F.pad(kl, pad)) / segments.sum(F.pad(positions, pad))
     return kl.sum(dim=1) / positions.sum(dim=1)

@@ -57,7 +57,8 @@ def kl_per_example(model: nn.Module, batch: Mapping[str, Tensor], *, logits: Ten
         else:
             with _reference_context(model):
                 ref_logits = forward_logits(model, prepared)
-    return per_example_kl(ref_logits[:, :-1], logits[:, :-1], supervised_positions(prepared["labels"])[:, :-1])
+    return per_example_kl(ref_logits[:, :-1], logits[:, :-1], supervised_positions(prepared["labels"])[:, :-1],
+                          prepared["segments"])
 
 
 def kl_to_reference_loss(model: nn.Module, batch: Mapping[str, Tensor], *, logits: Tensor | None = None,

@@ -32,8 +32,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsel.engine.batch import prepare_batch
-from fastsel.engine.losses import per_example_losses
+from fastsel.engine.batch import prepare_batch, take_examples
+from fastsel.engine.losses import per_example_losses, token_statistics
 from fastsel.engine.model_io import forward_logits, model_device
 from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
 from fastsel.engine.targets import Target, find_targets
@@ -98,15 +98,12 @@ def _per_example_grad_bytes(targets: list[Target], batch_size: int) -> int:
     return sum(batch_size * t.param.numel() * 4 for t in targets)
 
 
-def _rows(batch: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    return {k: batch[k][rows.to(batch[k].device)] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _subset_grads(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
-                  rows: Tensor) -> list[Tensor | None]:
-    """Summed gradient of the per-example losses of `rows` (forward+backward of those rows only)."""
-    prepared = prepare_batch(_rows(batch, rows), model_device(model))
-    losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+def _subset_grads(prepared: Mapping[str, Any], model: nn.Module, targets: list[Target],
+                  examples: Tensor) -> list[Tensor | None]:
+    """Summed gradient of the per-example losses of `examples` (forward+backward of those examples only: their
+    rows of a padded batch, or their sequences packed into one row)."""
+    subset = prepare_batch(take_examples(prepared, examples), model_device(model))
+    losses = per_example_losses(forward_logits(model, subset), subset["labels"], subset["segments"])
     return backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
 
 
@@ -146,12 +143,15 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
                        strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
-                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, sync: bool = True) -> Selection:
+                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, sync: bool = True,
+                       token_stats: bool = False) -> Selection:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
-    `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
-    under DDP; `local_indices` are this rank's rows). Strategies 'full' and 'random' need no norms: one forward
-    and one backward of the kept rows' losses.
+    `batch`: padded or packed (one example per sequence; the two-pass step packs the selected sequences into one
+    row). `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
+    under DDP; `local_indices` are this rank's examples). Strategies 'full' and 'random' need no norms: one forward
+    and one backward of the kept examples' losses. `token_stats` puts this rank's per-example token statistics
+    (`fastsel.engine.losses.token_statistics`, and `tokens`: sequence lengths) on `Selection.token_stats`.
 
     `sync` (matters under torch.distributed only): True (default) ends the call by averaging the trainable
     parameters' `.grad` over ranks, so every rank holds the same gradient. False communicates no gradient: this
@@ -167,7 +167,8 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
                        backend=backend, memory_budget_bytes=memory_budget_bytes, scale=scale, seed=seed)
     model, no_sync = _local_model(model)
     targets = find_targets(model, "trainable")
-    batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
+    prepared = prepare_batch(batch, model_device(model))
+    batch_size = len(prepared["segments"])
     fits = _per_example_grad_bytes(targets, batch_size) <= memory_budget_bytes
     if single_pass is True and not fits:
         raise ValueError(f"single_pass=True needs {_per_example_grad_bytes(targets, batch_size) / 2**20:.0f} MiB "
@@ -176,13 +177,17 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     use_single = needs_norms and (single_pass is True or (single_pass == "auto" and fits))
 
     with no_sync:
+        stats: dict[str, Tensor] = {}
         if needs_norms:
-            measured = norm_pass(batch, model, backend=resolve_backend(backend, model), keep_grads=use_single,
-                                 targets=targets)
-            losses, norms = measured.losses, measured.norms
+            measured = norm_pass(prepared, model, backend=resolve_backend(backend, model), keep_grads=use_single,
+                                 targets=targets, token_stats=token_stats)
+            losses, norms, stats = measured.losses, measured.norms, measured.token_stats
         else:
-            prepared = prepare_batch(batch, model_device(model))
-            live_losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+            logits = forward_logits(model, prepared)
+            live_losses = per_example_losses(logits, prepared["labels"], prepared["segments"])
+            if token_stats:
+                stats = token_statistics(logits, prepared["labels"], prepared["segments"])
+            del logits
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
         all_losses, offset = distributed.gather_rows(losses)
         all_norms, _ = distributed.gather_rows(norms)
@@ -192,6 +197,9 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
         local = local - offset
         selection.local_indices = local
         selection.single_pass = use_single
+        if token_stats:
+            lengths = torch.tensor(prepared["segments"].lengths, dtype=torch.float32)
+            selection.token_stats = {**{k: v.detach().cpu() for k, v in stats.items()}, "length": lengths}
         kept = selection.num_selected
         if kept == 0:  # nothing to add; a sync=True call still averages what earlier sync=False calls deferred
             summed = [None] * len(targets)
@@ -202,7 +210,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
             rows = local.to(measured.losses.device)
             summed = [measured.per_example_grads[t.name][rows].sum(dim=0) for t in targets]
         elif local.numel():
-            summed = _subset_grads(batch, model, targets, local)
+            summed = _subset_grads(prepared, model, targets, local)
         else:
             summed = [None] * len(targets)
     _apply(targets, summed, kept, scale, sync)
