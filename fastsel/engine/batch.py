@@ -103,6 +103,16 @@ def _packed_spans(tensors: dict[str, Tensor], mask: Tensor) -> list[Span] | None
     return None if max(per_row) <= 1 else spans
 
 
+def find_sequences(batch: Mapping[str, Any]) -> list[Span] | None:
+    """The sequences of a packed batch as (row, start, end) spans in order of appearance, or None for a batch with
+    one example per row (padded). Raises PackedBatchError on malformed or inconsistent boundaries."""
+    tensors = _check_tensors(batch)
+    if not any(k in tensors for k in PACKING_KEYS):
+        return None
+    mask = tensors.get("attention_mask")
+    return _packed_spans(tensors, (torch.ones_like(tensors["input_ids"]) if mask is None else mask).long().cpu())
+
+
 def prepare_batch(batch: Mapping[str, Any], device: torch.device | None = None) -> dict[str, Any]:
     """Check a batch; return input_ids, attention_mask, labels (never-target positions masked), position_ids and
     `segments` (the examples as token segments) on `device`.
