@@ -62,12 +62,6 @@ def resolve_backend(backend: str, model: nn.Module) -> str:
     return "triton" if model_device(model).type == "cuda" and kernels.available() else "torch"
 
 
-def _effective_length(segments: Segments) -> int:
-    """The length at which the per-example costs of a packed batch's forms compare: sum L^2 / sum L."""
-    lengths = segments.lengths
-    return max(1, round(sum(n * n for n in lengths) / max(1, sum(lengths))))
-
-
 def _linear_fns(backend: str, segments: Segments) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
     """The backend's per-site and grouped squared-norm functions (grouped only for triton) and its per-example
     gradient function (the single-pass step keeps those), bound to the batch's examples."""
@@ -84,27 +78,28 @@ def _linear_fns(backend: str, segments: Segments) -> tuple[LinearSqNorms, Groupe
         )
     seq_len = segments.width
     ranges = segments.ranges
-    length = segments.max_length if segments.packed else None  # padded: the row width bounds it (no sync)
-    t_eff = _effective_length(segments) if segments.packed else None
+    # the longest example bounds the Gram grid and decides the form (padded: the row width, known without a sync)
+    length = segments.max_length if segments.packed else None
 
     def ranged(t: int) -> Tensor | None:  # the segments apply only to sites over the batch's tokens
         return ranges if t == seq_len else None
 
-    def method(x: Tensor, delta: Tensor) -> str:
-        return "auto" if t_eff is None else kernels.choose_method(t_eff, delta.shape[2], x.shape[2])
+    def longest(t: int) -> int | None:
+        return length if t == seq_len else None
 
     def per_site(x: Tensor, delta: Tensor) -> Tensor:
-        return kernels.linear_sq_norms(x, delta, method=method(x, delta), segments=ranged(x.shape[1]),
-                                       max_length=length)[0]
+        t = x.shape[1]
+        return kernels.linear_sq_norms(x, delta, segments=ranged(t), max_length=longest(t))[0]
 
     def grouped(xs: list[Tensor], deltas: list[Tensor]) -> Tensor:
-        if len({x.shape[1] for x in xs}) != 1 or t_eff is not None:
+        if len({x.shape[1] for x in xs}) != 1:
             return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
-        return kernels.grouped_linear_sq_norms(xs, deltas, segments=ranged(xs[0].shape[1]))
+        t = xs[0].shape[1]
+        return kernels.grouped_linear_sq_norms(xs, deltas, segments=ranged(t), max_length=longest(t))
 
     def grads(x: Tensor, delta: Tensor) -> Tensor:
         return kernels.linear_sq_norms(x, delta, method="instantiate", write_grads=True,
-                                       segments=ranged(x.shape[1]), max_length=length)[1]
+                                       segments=ranged(x.shape[1]))[1]
 
     return per_site, grouped, grads
 
