@@ -18,30 +18,29 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import Launch, site_args
-from .token_range import segment_range
+from .token_range import dot_acc, load_tile, segment_range
+
+
+@triton.jit
+def _gram_tile(base, offs_t, offs_s, mask_t, mask_s, stride_t, stride_k, K, BLOCK_T: tl.constexpr,
+               BLOCK_K: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """[BLOCK_T, BLOCK_T] fp32 tile of <v_t, v_s> for the K-feature vectors v_t at base + t * stride_t."""
+    g = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = load_tile(base, offs_t, offs_k, stride_t, stride_k, mask_t, mask_k)
+        c = load_tile(base, offs_k, offs_s, stride_k, stride_t, mask_k, mask_s)
+        g = dot_acc(a, c, g, NATIVE_DOT)
+    return g
 
 
 @triton.jit
 def _gram_sq_norm_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    T,
-    M,
-    N,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
-    HAS_RANGE: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_KN: tl.constexpr,
-    BLOCK_KM: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
+    HAS_RANGE: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_KN: tl.constexpr, BLOCK_KM: tl.constexpr,
 ):
     """Grid (S, cdiv(L, BLOCK_T), cdiv(L, BLOCK_T)), L the longest example: norms_sq[i] += (2 - [tb == sb]) *
     sum(Gx_tile * Gd_tile)."""
@@ -60,44 +59,10 @@ def _gram_sq_norm_kernel(
         x_base = x_ptr + b * stride_xb
         d_base = d_ptr + b * stride_db
 
-        gx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_KN):
-            offs_k = k0 + tl.arange(0, BLOCK_KN)
-            mask_k = offs_k < N
-            a = tl.load(
-                x_base + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xn,
-                mask=mask_t[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                x_base + offs_k[:, None] * stride_xn + offs_s[None, :] * stride_xt,
-                mask=mask_k[:, None] & mask_s[None, :],
-                other=0.0,
-            )
-            if NATIVE_DOT:  # 16-bit products are exact in fp32: tensor cores, fp32 accumulation
-                gx = tl.dot(a, c, gx)
-            else:  # "ieee": no tf32 rounding of fp32 inputs
-                gx = tl.dot(a.to(tl.float32), c.to(tl.float32), gx, input_precision="ieee")
-
-        gd = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_KM):
-            offs_k = k0 + tl.arange(0, BLOCK_KM)
-            mask_k = offs_k < M
-            a = tl.load(
-                d_base + offs_t[:, None] * stride_dt + offs_k[None, :] * stride_dm,
-                mask=mask_t[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                d_base + offs_k[:, None] * stride_dm + offs_s[None, :] * stride_dt,
-                mask=mask_k[:, None] & mask_s[None, :],
-                other=0.0,
-            )
-            if NATIVE_DOT:
-                gd = tl.dot(a, c, gd)
-            else:
-                gd = tl.dot(a.to(tl.float32), c.to(tl.float32), gd, input_precision="ieee")
-
+        gx = _gram_tile(x_base, offs_t, offs_s, mask_t, mask_s, stride_xt, stride_xn, N, BLOCK_T, BLOCK_KN,
+                        NATIVE_DOT)
+        gd = _gram_tile(d_base, offs_t, offs_s, mask_t, mask_s, stride_dt, stride_dm, M, BLOCK_T, BLOCK_KM,
+                        NATIVE_DOT)
         partial = tl.sum(tl.sum(gx * gd, axis=1), axis=0)
         if tb == sb:
             tl.atomic_add(norms_ptr + i, partial)

@@ -35,7 +35,7 @@ from torch import Tensor
 from . import choose_method
 from .gram_norm import gram_launch
 from .launch import Launch, site_args
-from .token_range import segment_range
+from .token_range import dot_acc, load_tile, segment_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _METHODS = ("auto", "instantiate", "gram", "outer")
@@ -43,29 +43,13 @@ _METHODS = ("auto", "instantiate", "gram", "outer")
 
 @triton.jit
 def _instantiate_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    T,
-    M,
-    N,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
     g_ptr,
     stride_gb,
     stride_gm,
-    HAS_RANGE: tl.constexpr,
-    WRITE_GRADS: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_RANGE: tl.constexpr, WRITE_GRADS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (S, cdiv(m, BLOCK_M), cdiv(n, BLOCK_N)): tile of G_i = sum over example i's tokens of delta_t x_t^T;
     norms_sq[i] += ||tile||^2."""
@@ -84,20 +68,9 @@ def _instantiate_kernel(
     for t0 in range(start, end, BLOCK_T):  # only the valid tokens: padded blocks cost nothing
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
-        d = tl.load(  # delta^T tile [BLOCK_M, BLOCK_T]
-            d_base + offs_m[:, None] * stride_dm + offs_t[None, :] * stride_dt,
-            mask=mask_m[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        xt = tl.load(  # x tile [BLOCK_T, BLOCK_N]
-            x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-            mask=mask_t[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if NATIVE_DOT:  # 16-bit products are exact in fp32: tensor cores, fp32 accumulation
-            acc = tl.dot(d, xt, acc)
-        else:  # "ieee": no tf32 rounding of fp32 inputs
-            acc = tl.dot(d.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        d = load_tile(d_base, offs_m, offs_t, stride_dm, stride_dt, mask_m, mask_t)  # delta^T [BLOCK_M, BLOCK_T]
+        xt = load_tile(x_base, offs_t, offs_n, stride_xt, stride_xn, mask_t, mask_n)  # x [BLOCK_T, BLOCK_N]
+        acc = dot_acc(d, xt, acc, NATIVE_DOT)
 
     tl.atomic_add(norms_ptr + i, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if WRITE_GRADS:  # grads is a fresh contiguous [S, m, n] fp32 tensor: unit stride along n
@@ -107,22 +80,9 @@ def _instantiate_kernel(
 
 @triton.jit
 def _outer_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    T,
-    M,
-    N,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
-    HAS_RANGE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
+    HAS_RANGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Grid (S,), T == 1: norms_sq[i] = ||delta||^2 * ||x||^2 of example i's row (0 when its tokens exclude t = 0)."""
     i = tl.program_id(0).to(tl.int64)
