@@ -89,7 +89,8 @@ def packing_leak(model: nn.Module, tokens: Tensor) -> float:
     if tokens.numel() < 4:
         raise ValueError("the packing probe needs at least 4 tokens")
     first, second = tokens.numel() // 2, tokens.numel() - tokens.numel() // 2
-    with torch.no_grad(), eval_mode(model):
+    autocast_off = torch.autocast(device_type=tokens.device.type, enabled=False)  # the model's own precision
+    with torch.no_grad(), eval_mode(model), autocast_off:
         together = _probe_logits(model, tokens, [first, second], packed=True)[first:]
         alone = _probe_logits(model, tokens[first:], [second], packed=False)
     return float((together - alone).abs().max() / alone.abs().max().clamp_min(1e-6))

@@ -45,12 +45,11 @@ TRL metrics: with a TRL SFTTrainer, the metrics its own `compute_loss` logs (`nu
 their supervised positions): what the model was trained on. `num_tokens` counts the kept sequences' tokens
 (padding excluded), summed over ranks and steps.
 
-Costs and limits: Under DDP
-every micro-step still gathers the examples' losses and gradient norms (global selection needs them; B floats)
-and all-gathers the ids as Python objects; the gradients are all-reduced once per optimizer step. A user
-`compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors `accelerator.backward` but has only
-been exercised on CPU without fp16; with an IterableDataset and accelerate's `dispatch_batches`, a string id column
-may not survive batch dispatching.
+Costs and limits: under DDP every micro-step still gathers the examples' losses and gradient norms (global
+selection needs them; B floats) and all-gathers the ids as Python objects; the gradients are all-reduced once per
+optimizer step. A user `compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors
+`accelerator.backward` but has only been exercised on CPU without fp16; with an IterableDataset and accelerate's
+`dispatch_batches`, a string id column may not survive batch dispatching.
 """
 
 from __future__ import annotations

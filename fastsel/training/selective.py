@@ -151,7 +151,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     row). `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
     under DDP; `local_indices` are this rank's examples). Strategies 'full' and 'random' need no norms: one forward
     and one backward of the kept examples' losses. `token_stats` puts this rank's per-example token statistics
-    (`fastsel.engine.losses.token_statistics`, and `tokens`: sequence lengths) on `Selection.token_stats`.
+    (`fastsel.engine.losses.token_statistics`, and `length`: sequence lengths) on `Selection.token_stats`.
 
     `sync` (matters under torch.distributed only): True (default) ends the call by averaging the trainable
     parameters' `.grad` over ranks, so every rank holds the same gradient. False communicates no gradient: this
