@@ -144,7 +144,8 @@ def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_t
 def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
                repeats: int | None = None, warmup: int | None = None, batches: tuple[int, ...] | None = None,
                seqs: tuple[int, ...] | None = None) -> Plan:
-    """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
+    """The shapes of a suite: 'quick' (CPU, estimated ~6 min and ~13 GB peak (vmap) on 2 cores), 'cpu' (larger CPU grid) or
+    'gpu' (full grid).
 
     `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
     so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
@@ -666,7 +667,7 @@ def print_table(report: Mapping[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (< 5 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (estimated ~6 min on 2 cores)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>-<yyyymmdd>.json")
     parser.add_argument("--model", choices=("all", "synthetic", "smollm2", "7b-layers"), default="all")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")

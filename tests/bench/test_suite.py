@@ -41,8 +41,21 @@ def test_tiny_quick_suite_schema_and_markdown(tmp_path) -> None:
             assert entry["median_s"] > 0 and entry["q1_s"] <= entry["median_s"] <= entry["q3_s"], name
             if name != "plain":
                 assert entry["max_rel_diff_vs_others"] <= case["tolerance"]
+    # the synthetic model takes no position_ids: no packed methods; the headline (instruct data) runs both layouts
+    assert case["methods"]["plain_packed"] is None and case["skipped"]["plain_packed"] == bench.NO_PACKING
+    head = next(c for c in data["cases"] if c["headline"])
+    assert head["data"] == "instruct" and head["packed_shape"] == [1, sum(head["lengths"])]
+    assert len(set(head["lengths"])) > 1  # natural, uneven lengths
+    for name in ("plain", "plain_packed", "fastsel_torch", "fastsel_torch_packed", "naive"):
+        assert head["methods"][name] is not None, name
+    assert head["methods"]["fastsel_torch_packed"]["max_rel_diff_vs_others"] <= head["tolerance"]
+    assert data["ratios"]["fastsel_method"] == "fastsel_torch_packed"
+    for key in ("packed_norm_pass_over_plain_packed", "packed_norm_pass_over_plain", "plain_packed_over_plain"):
+        assert data["ratios"][key] > 0, key
+    assert data["training"]["packed"] is True
     table = bench.markdown_table(path)
     assert "norm_pass_over_plain" in table and "| case |" in table and case["label"] in table
+    assert "packed_norm_pass_over_plain_packed" in table and "fastsel packed" in table
 
 
 def test_disagreement_fails_naming_the_method(monkeypatch) -> None:
@@ -138,3 +151,13 @@ def test_plan_filters_by_batch_and_length() -> None:
     assert plan.cases == [c for c in full.cases if (c.batch, c.seq) == (32, 512)]
     assert {c.model for c in plan.cases} == {"synthetic", "smollm2", "7b-layers"}
     assert any(c.headline for c in plan.cases) and any(c.gradient_checkpointing for c in plan.cases)
+
+
+def test_target_verdicts() -> None:
+    """met / missed, and a target meant for long sequences is not judged on a run that has none."""
+    assert bench._target_cells("k", 1.02, {"op": "<=", "value": 1.05}, 178) == ("<= 1.05", "met")
+    assert bench._target_cells("k", 1.2, {"op": ">=", "value": 1.4}, 178) == (">= 1.4", "missed")
+    tgt, verdict = bench._target_cells("k", 1.2, {"op": ">=", "value": 1.4, "min_seq": 256}, 178)
+    assert tgt == ">= 1.4 at T >= 256" and verdict == "not applicable (longest example: 178 tokens)"
+    assert bench._target_cells("k", 1.5, {"op": ">=", "value": 1.4, "min_seq": 256}, 300)[1] == "met"
+    assert bench._target_cells("k", None, None, None) == ("", "")
