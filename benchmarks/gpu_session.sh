@@ -11,7 +11,7 @@
 #   step            budget  what                                                                writes
 #   setup             80    pip install (no index, no deps; builds fastsel._C), GPU and versions  setup.log, device.txt
 #   selftest          40    the kernels' first-use self-test, every family, fp32/bf16/fp16       selftest.json
-#   tests            150    the GPU test subset, kernels compiled for real: tests/kernels (the    tests-*.xml, tests.log
+#   tests            130    the GPU test subset, kernels compiled for real: tests/kernels (the    tests-*.xml, tests.log
 #                           `gpu`-marked bf16/fp16 ones included), triton end-to-end == naive,
 #                           the no-host-sync test, self-test, selective_backward; 3 pytest at once
 #   headline-fp32     75    SmolLM2's architecture (random weights) B=32 T=512 fp32: plain,      headline-fp32/*.json
@@ -19,7 +19,10 @@
 #                           full epoch (4 steps), single vs two pass: the JSON's `ratios` object
 #   headline-bf16     40    the same in bf16, without the training epochs                        headline-bf16/*.json
 #   7b-layers         35    2 layers of a 7B-shaped Llama, B=32 T=512 bf16 (naive on 2 rows)     7b-layers/*.json
-#   kernels           40    per-layer kernel time vs torch, SmolLM2 and 7B LoRA sites, B=32       kernels/*.json
+#   packed            30    SmolLM2 fp32, 32 shipped instruction examples at natural lengths       packed/*.json
+#                           (T <= 512): padded vs packed plain step and fastsel norm pass (torch,
+#                           triton), naive; the JSON's packed ratios
+#   kernels           30    per-layer kernel time vs torch, SmolLM2 and 7B LoRA sites, B=32       kernels/*.json
 #                           T=512, fp32 and bf16, whole-model grouped launch over 4 layers
 #                   ----
 #                    460    + 15 s of grace at most (SIGINT ignored): <= 8 min. A global deadline (TOTAL_S,
@@ -30,7 +33,7 @@
 # $OUT/steps.tsv gets one line per step as it ends: name, exit code (124: timed out, "skipped": no time left),
 # seconds, budget. The exit code of the script is 0 when every step passed.
 #
-# Adding a step (packed headline, dots pass, ...): one block below, in its priority place:
+# Adding a step (dots pass, ...): one block below, in its priority place:
 #   step NAME BUDGET_S command args...        (then take the seconds from another step's budget, and add a line
 #                                              to the table above and to benchmarks/README.md)
 # with --dry-run arguments beside the real ones (`dry && args=(...) || args=(...)`), so CI runs it too.
@@ -148,23 +151,27 @@ else
             "engine=tests/engine/test_norms.py tests/engine/test_kernel_selftest.py tests/engine/test_model_untouched.py tests/engine/test_batch.py"
             "training=tests/training/test_selective.py tests/selection/test_ops.py tests/selection/test_rules.py")
 fi
-step tests 150 tests "${groups[@]}"
+step tests 130 tests "${groups[@]}"
 
 if dry; then shape=(--tiny --suite gpu --device cpu --repeats 1 --warmup 0)
 else shape=(--suite gpu --device cuda --random-weights --batch 32 --seq 512 --repeats 5 --warmup 1); fi
 step headline-fp32 75 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
-    --methods plain fastsel_torch fastsel_triton naive --training-steps "$(dry && echo 1 || echo 4)" \
+    --data random --methods plain fastsel_torch fastsel_triton naive --training-steps "$(dry && echo 1 || echo 4)" \
     --out "$OUT/headline-fp32"
 
 step headline-bf16 40 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype bfloat16 --no-checkpointing \
-    --methods plain fastsel_torch fastsel_triton naive --no-training --out "$OUT/headline-bf16"
+    --data random --methods plain fastsel_torch fastsel_triton naive --no-training --out "$OUT/headline-bf16"
 
 step 7b-layers 35 $PY -m fastsel bench "${shape[@]}" --model 7b-layers --no-training \
     --methods plain fastsel_torch fastsel_triton naive --out "$OUT/7b-layers"
 
+step packed 30 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
+    --data instruct --methods fastsel_torch fastsel_torch_packed fastsel_triton fastsel_triton_packed naive \
+    --no-training --out "$OUT/packed"
+
 if dry; then args=(--tiny --device cpu --models smollm2 --dtypes float32 --layers 1)
 else args=(--device cuda --batch 32 --seq 512 --layers 4 --repeats 5 --inner 10); fi
-step kernels 40 $PY -m fastsel bench-kernels "${args[@]}" --out "$OUT/kernels"
+step kernels 30 $PY -m fastsel bench-kernels "${args[@]}" --out "$OUT/kernels"
 
 echo "== done in $SECONDS s (budget $TOTAL_S s); steps:"
 column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"

@@ -6,6 +6,9 @@ One op per file, Liger-Kernel style, kernel and launcher side by side:
 - `gram_norm.py`: the Gram ("ghost") kernel for short T and large m*n;
 - `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch.
 
+Every kernel reduces over examples given as token segments (row, start, end) of the rows: one per row (padded), or
+several per row (packed, padding-free rows; `segments` or `cu_seqlens`), so packed batches need no padding.
+
 This package imports only torch and triton, and triton lazily: `import fastsel.kernels` works without triton
 (`available()` then says False) and the kernel modules are imported on the first kernel call, which raises a clear
 ImportError when triton is missing. Lazy import also lets TRITON_INTERPRET=1 be set any time before that first call
@@ -15,13 +18,13 @@ ImportError when triton is missing. Lazy import also lets TRITON_INTERPRET=1 be 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
-from torch import Tensor
 
-__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "installed", "interpreted", "linear_sq_norms"]
+__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "installed", "interpreted", "linear_sq_norms",
+           "segments_from_cu_seqlens"]
 
 _TRITON_OK: bool | None = None
 
@@ -75,29 +78,14 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def linear_sq_norms(
-    x: Tensor,
-    delta: Tensor,
-    *,
-    method: str = "auto",
-    write_grads: bool = False,
-    valid_range: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Exact per-example ||G_i||_F^2 of a Linear site: (sq_norms [B] fp32, grads [B, m, n] fp32 or None).
-
-    x [B, T, n], delta [B, T, m]; see `linear_norm.linear_sq_norms` for methods, dtypes and `valid_range`.
-    """
-    return _module("linear_norm").linear_sq_norms(
-        x, delta, method=method, write_grads=write_grads, valid_range=valid_range
-    )
+# Public kernel entry points, forwarded lazily to the module that defines them (whose docstrings are theirs):
+# `linear_sq_norms(x, delta, *, method, write_grads, valid_range, segments, cu_seqlens, max_length)` and
+# `grouped_linear_sq_norms(xs, deltas, *, method, valid_range, segments, max_length)`.
+_FORWARDED = {"linear_sq_norms": "linear_norm", "grouped_linear_sq_norms": "grouped",
+              "segments_from_cu_seqlens": "linear_norm"}
 
 
-def grouped_linear_sq_norms(
-    xs: Sequence[Tensor] | Tensor,
-    deltas: Sequence[Tensor] | Tensor,
-    *,
-    method: str = "auto",
-    valid_range: Tensor | None = None,
-) -> Tensor:
-    """Per-site, per-example ||G||_F^2 of G sites sharing the batch, one launch per shape group: [G, B] fp32."""
-    return _module("grouped").grouped_linear_sq_norms(xs, deltas, method=method, valid_range=valid_range)
+def __getattr__(name: str) -> Any:
+    if name in _FORWARDED:
+        return getattr(_module(_FORWARDED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,7 +43,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class Site:
-    """One Linear site as the launchers see it: x [B, T, n], delta [B, T, m], dtypes, and what is asked."""
+    """One Linear site as the launchers see it: x [B, T, n], delta [B, T, m], dtypes, and what is asked.
+
+    `segments` > 0: a packed batch, that many (row, start, end) sequences of at most `max_length` tokens over the
+    B rows (the launch then has one program row per sequence); 0: one example per row (`has_range`: its valid
+    tokens)."""
 
     label: str
     t: int
@@ -54,6 +58,8 @@ class Site:
     method: str = "auto"
     has_range: bool = True
     write_grads: bool = False
+    segments: int = 0
+    max_length: int | None = None
 
 
 def site_launch(site: Site, batch: int = 2) -> Launch:
@@ -62,18 +68,20 @@ def site_launch(site: Site, batch: int = 2) -> Launch:
 
     x = torch.empty((batch, site.t, site.n), dtype=_DTYPES[site.x_dtype], device="meta")
     delta = torch.empty((batch, site.t, site.m), dtype=_DTYPES[site.delta_dtype], device="meta")
-    norms = torch.zeros(batch, dtype=torch.float32, device="meta")
-    ranges = torch.zeros((batch, 2), dtype=torch.int32, device="meta") if site.has_range else None
+    count = site.segments or batch
+    norms = torch.zeros(count, dtype=torch.float32, device="meta")
+    ranges = torch.zeros((count, 3), dtype=torch.int32, device="meta") if site.has_range or site.segments else None
+    length = site.max_length if site.segments else None
     method = site.method
     if method == "auto":
-        method = "instantiate" if site.write_grads else choose_method(site.t, site.m, site.n)
+        method = "instantiate" if site.write_grads else choose_method(length or site.t, site.m, site.n)
     if method == "instantiate":
-        grads = torch.empty((batch, site.m, site.n), dtype=torch.float32, device="meta") if site.write_grads else None
+        grads = torch.empty((count, site.m, site.n), dtype=torch.float32, device="meta") if site.write_grads else None
         return linear_norm.instantiate_launch(x, delta, norms, ranges, grads)
     if method == "gram":
         from .gram_norm import gram_launch
 
-        return gram_launch(x, delta, norms, ranges, linear_norm._native_dot(x, delta))
+        return gram_launch(x, delta, norms, ranges, linear_norm._native_dot(x, delta), max_length=length)
     return linear_norm.outer_launch(x, delta, norms, ranges)
 
 
@@ -195,6 +203,10 @@ def default_sites(quick: bool = False) -> list[Site]:
             Site("smollm2 full q_proj T=128 bf16 (gram)", 128, 576, 576, "bfloat16", "bfloat16"),
             Site("7b full o_proj T=512 fp32 (gram)", 512, 4096, 4096),
             Site("T=1 head", 1, 576, 576, has_range=False),
+            Site("smollm2 packed lora_A 16 seqs in 4096 tokens bf16", 4096, 16, 576, "bfloat16", "bfloat16",
+                 segments=16, max_length=512),
+            Site("smollm2 packed full q_proj 16 seqs <= 96 tokens (gram)", 1024, 576, 576, "bfloat16", "bfloat16",
+                 "gram", segments=16, max_length=96),
         ]
     dtypes = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32")]
     sites = list(lora_sites("smollm2", 576, (576, 192, 1536), (1, 16, 32, 64, 128), (16, 32, 512), dtypes))
@@ -204,6 +216,13 @@ def default_sites(quick: bool = False) -> list[Site]:
             sites.append(Site(f"smollm2 full q_proj T={t} (gram)", t, 576, 576, xd, dd, "gram"))
         sites.append(Site("7b full down_proj T=512 (gram)", 512, 4096, 11008, xd, dd, "gram"))
         sites.append(Site("T=1 head", 1, 576, 576, xd, dd, "outer"))
+        for r in (16, 64):  # packed rows: 16 sequences of <= 512 tokens in 4096, (row, start, end) segments
+            sites.append(Site(f"smollm2 packed lora_A r={r}", 4096, r, 576, xd, dd, segments=16, max_length=512))
+            sites.append(Site(f"smollm2 packed lora_B r={r}", 4096, 576, r, xd, dd, segments=16, max_length=512))
+            sites.append(Site(f"smollm2 packed lora_A single-pass r={r}", 4096, r, 576, xd, dd, segments=16,
+                              max_length=512, write_grads=True))
+        sites.append(Site("smollm2 packed full q_proj (gram)", 4096, 576, 576, xd, dd, "gram", segments=16,
+                          max_length=96))
     return sites
 
 

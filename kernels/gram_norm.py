@@ -1,11 +1,12 @@
 """Gram ("ghost") form of the per-example squared gradient norm, as a Triton kernel.
 
-||G_i||_F^2 = sum_{t,s} <delta_t, delta_s> <x_t, x_s>. One program owns one (t-block, s-block) pair of one example
-and builds both T-block x T-block Gram tiles in fp32 registers with `tl.dot`, looping over the feature dims in
-chunks; it multiplies them elementwise, reduces, and atomically adds into norms_sq[b]. Only pairs with
-s-block >= t-block do work (the Gram matrices are symmetric: an off-diagonal pair counts twice), and pairs lying
-past the example's valid token range end at once. Neither a B*T*T nor a B*m*n tensor is ever materialised: the
-cost is ~T^2 (m + n) per example, cheap when T is short and m*n is large.
+||G_i||_F^2 = sum_{t,s} <delta_t, delta_s> <x_t, x_s> over example i's tokens. One program owns one (t-block,
+s-block) pair of one example (a segment (row, start, end) of the rows: a padded row's valid tokens, or one sequence
+of a packed row) and builds both T-block x T-block Gram tiles in fp32 registers with `tl.dot`, looping over the
+feature dims in chunks; it multiplies them elementwise, reduces, and atomically adds into norms_sq[i]. Only pairs
+with s-block >= t-block do work (the Gram matrices are symmetric: an off-diagonal pair counts twice), and pairs
+lying past the example's last token end at once. Neither a B*T*T nor a B*m*n tensor is ever materialised: the
+cost is ~L^2 (m + n) per example of L tokens, cheap when L is short and m*n is large.
 
 Only the kernel and its launch description live here; input checks and method choice are in `linear_norm.py`.
 """
@@ -16,38 +17,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import Launch
-from .token_range import example_token_range
+from .launch import Launch, site_args
+from .token_range import dot_acc, load_tile, segment_range
+
+
+@triton.jit
+def _gram_tile(base, offs_t, offs_s, mask_t, mask_s, stride_t, stride_k, K, BLOCK_T: tl.constexpr,
+               BLOCK_K: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """[BLOCK_T, BLOCK_T] fp32 tile of <v_t, v_s> for the K-feature vectors v_t at base + t * stride_t."""
+    g = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = load_tile(base, offs_t, offs_k, stride_t, stride_k, mask_t, mask_k)
+        c = load_tile(base, offs_k, offs_s, stride_k, stride_t, mask_k, mask_s)
+        g = dot_acc(a, c, g, NATIVE_DOT)
+    return g
 
 
 @triton.jit
 def _gram_sq_norm_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    T,
-    M,
-    N,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
-    HAS_RANGE: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_KN: tl.constexpr,
-    BLOCK_KM: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
+    HAS_RANGE: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_KN: tl.constexpr, BLOCK_KM: tl.constexpr,
 ):
-    """Grid (B, cdiv(T, BLOCK_T), cdiv(T, BLOCK_T)): norms_sq[b] += (2 - [tb == sb]) * sum(Gx_tile * Gd_tile)."""
-    b = tl.program_id(0).to(tl.int64)
+    """Grid (S, cdiv(L, BLOCK_T), cdiv(L, BLOCK_T)), L the longest example: norms_sq[i] += (2 - [tb == sb]) *
+    sum(Gx_tile * Gd_tile)."""
+    i = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     sb = tl.program_id(2)
-    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
-    # Blocks are laid out from the example's first valid token, so a padded tail (or head) costs no block.
+    b, start, end = segment_range(r_ptr, i, stride_rb, T, HAS_RANGE)
+    # Blocks are laid out from the example's first token, so padding (or the row's other sequences) costs no block.
     t_lo = start + tb * BLOCK_T
     s_lo = start + sb * BLOCK_T
     if (tb <= sb) & (s_lo < end):
@@ -58,49 +59,15 @@ def _gram_sq_norm_kernel(
         x_base = x_ptr + b * stride_xb
         d_base = d_ptr + b * stride_db
 
-        gx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_KN):
-            offs_k = k0 + tl.arange(0, BLOCK_KN)
-            mask_k = offs_k < N
-            a = tl.load(
-                x_base + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xn,
-                mask=mask_t[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                x_base + offs_k[:, None] * stride_xn + offs_s[None, :] * stride_xt,
-                mask=mask_k[:, None] & mask_s[None, :],
-                other=0.0,
-            )
-            if NATIVE_DOT:  # 16-bit products are exact in fp32: tensor cores, fp32 accumulation
-                gx = tl.dot(a, c, gx)
-            else:  # "ieee": no tf32 rounding of fp32 inputs
-                gx = tl.dot(a.to(tl.float32), c.to(tl.float32), gx, input_precision="ieee")
-
-        gd = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_KM):
-            offs_k = k0 + tl.arange(0, BLOCK_KM)
-            mask_k = offs_k < M
-            a = tl.load(
-                d_base + offs_t[:, None] * stride_dt + offs_k[None, :] * stride_dm,
-                mask=mask_t[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                d_base + offs_k[:, None] * stride_dm + offs_s[None, :] * stride_dt,
-                mask=mask_k[:, None] & mask_s[None, :],
-                other=0.0,
-            )
-            if NATIVE_DOT:
-                gd = tl.dot(a, c, gd)
-            else:
-                gd = tl.dot(a.to(tl.float32), c.to(tl.float32), gd, input_precision="ieee")
-
+        gx = _gram_tile(x_base, offs_t, offs_s, mask_t, mask_s, stride_xt, stride_xn, N, BLOCK_T, BLOCK_KN,
+                        NATIVE_DOT)
+        gd = _gram_tile(d_base, offs_t, offs_s, mask_t, mask_s, stride_dt, stride_dm, M, BLOCK_T, BLOCK_KM,
+                        NATIVE_DOT)
         partial = tl.sum(tl.sum(gx * gd, axis=1), axis=0)
         if tb == sb:
-            tl.atomic_add(norms_ptr + b, partial)
+            tl.atomic_add(norms_ptr + i, partial)
         else:
-            tl.atomic_add(norms_ptr + b, 2.0 * partial)
+            tl.atomic_add(norms_ptr + i, 2.0 * partial)
 
 
 def gram_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
@@ -119,39 +86,26 @@ def gram_launch(
     native_dot: bool,
     block_t: int | None = None,
     block_k: int | None = None,
+    max_length: int | None = None,
 ) -> Launch:
-    """The Gram-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [B]); inputs already checked by the caller.
+    """The Gram-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [S]); inputs already checked by the caller.
 
-    `block_t` / `block_k` override the automatic block sizes (both powers of 2, >= 16): tests use small ones so
-    that several blocks, off-diagonal pairs and ragged edges are exercised on small shapes.
+    `ranges`: int32 [S, 3] (row, start, end) segments or None (one example per row, all T tokens); `max_length`
+    bounds their lengths (default T) and sizes the grid. `block_t` / `block_k` override the automatic block sizes
+    (both powers of 2, >= 16): tests use small ones so that several blocks, off-diagonal pairs and ragged edges
+    are exercised on small shapes.
     """
-    bsz, t, n = x.shape
-    m = delta.shape[2]
-    bt, bkn, bkm, warps = gram_blocks(t, m, n)
+    t, n, m = x.shape[1], x.shape[2], delta.shape[2]
+    length = t if max_length is None else max_length
+    bt, bkn, bkm, warps = gram_blocks(length, m, n)
     if block_t is not None:
         bt = block_t
     if block_k is not None:
         bkn = bkm = block_k
-    nblk = triton.cdiv(t, bt)
-    r = ranges if ranges is not None else norms  # unused placeholder pointer when HAS_RANGE is False
-    args = (
-        x,
-        delta,
-        r,
-        norms,
-        t,
-        m,
-        n,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        delta.stride(0),
-        delta.stride(1),
-        delta.stride(2),
-        r.stride(0) if ranges is not None else 0,
-    )
+    nblk = max(1, triton.cdiv(length, bt))
     constexprs = dict(HAS_RANGE=ranges is not None, NATIVE_DOT=native_dot, BLOCK_T=bt, BLOCK_KN=bkn, BLOCK_KM=bkm)
-    return Launch(_gram_sq_norm_kernel, (bsz, nblk, nblk), args, constexprs, warps)
+    return Launch(_gram_sq_norm_kernel, (norms.shape[0], nblk, nblk), site_args(x, delta, ranges, norms),
+                  constexprs, warps)
 
 
 __all__ = ["gram_blocks", "gram_launch"]

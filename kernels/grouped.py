@@ -2,7 +2,8 @@
 
 All sites of one (x shape, delta shape, dtypes) group, e.g. every q_proj lora_A factor of a model, are concatenated
 along the batch dim into one [G*B, T, n] / [G*B, T, m] pair and sent to a single kernel launch; the [G*B] result is
-viewed as [G, B], so callers still get per-site (per-layer) values.
+viewed as [G, B] (or [G, S] for S token segments shared by all sites), so callers still get per-site (per-layer)
+values.
 
 Trade-off: the concatenation copies every input once (G*B*T*(n+m) elements of extra memory and one extra pass over
 them) to save G-1 launches. The alternative, a device array of per-site data pointers read inside the kernel, avoids
@@ -17,15 +18,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linear_norm import linear_sq_norms
+from .linear_norm import _prepare_ranges, linear_sq_norms
 
 
-def _repeat_range(valid_range: Tensor | None, g: int) -> Tensor | None:
-    """Per-example ranges shared by all sites, repeated for the G stacked copies of the batch."""
-    if valid_range is None or g == 1:
-        return valid_range
-    vr = torch.as_tensor(valid_range)
-    return vr.repeat(g) if vr.dim() == 1 else vr.repeat(g, 1)
+def _repeat_segments(ranges: Tensor | None, g: int, bsz: int) -> Tensor | None:
+    """[S, 3] (row, start, end) segments shared by all sites, repeated for the G stacked copies of the batch (the
+    copy k's rows shifted by k * B)."""
+    if ranges is None or g == 1:
+        return ranges
+    shift = torch.zeros((g, 1, 3), dtype=ranges.dtype, device=ranges.device)
+    shift[:, 0, 0] = torch.arange(g, device=ranges.device) * bsz
+    return (ranges[None] + shift).reshape(-1, 3)
 
 
 def grouped_linear_sq_norms(
@@ -34,12 +37,15 @@ def grouped_linear_sq_norms(
     *,
     method: str = "auto",
     valid_range: Tensor | None = None,
+    segments: Tensor | None = None,
+    max_length: int | None = None,
 ) -> Tensor:
-    """Per-site, per-example ||G||_F^2 of G sites sharing the batch: [G, B] fp32.
+    """Per-site, per-example ||G||_F^2 of G sites sharing the batch: [G, B] fp32 ([G, S] with `segments`).
 
     xs / deltas: lists of x [B, T, n] and delta [B, T, m] (site g is xs[g], deltas[g]), or stacked [G, B, T, n]
     and [G, B, T, m] tensors. Sites are grouped by shape and dtype, one launch per group; the method is chosen
-    per group as in `linear_sq_norms`. `valid_range` ([B] or [B, 2]) is shared by all sites.
+    per group as in `linear_sq_norms`. `valid_range` ([B] or [B, 2]) or `segments` ([S, 3] (row, start, end),
+    with `max_length`) say which tokens form which example, shared by all sites.
     """
     if isinstance(xs, Tensor) or isinstance(deltas, Tensor):
         if not (isinstance(xs, Tensor) and isinstance(deltas, Tensor)):
@@ -50,13 +56,15 @@ def grouped_linear_sq_norms(
                 f"{tuple(deltas.shape)}"
             )
         g, bsz = xs.shape[:2]
+        ranges = _prepare_ranges(valid_range, segments, None, bsz, xs.shape[2], xs.device)
         norms, _ = linear_sq_norms(
             xs.reshape(g * bsz, *xs.shape[2:]),
             deltas.reshape(g * bsz, *deltas.shape[2:]),
             method=method,
-            valid_range=_repeat_range(valid_range, g),
+            segments=_repeat_segments(ranges, g, bsz),
+            max_length=max_length,
         )
-        return norms.view(g, bsz)
+        return norms.view(g, -1)
 
     xs, deltas = list(xs), list(deltas)
     if len(xs) != len(deltas) or not xs:
@@ -73,15 +81,18 @@ def grouped_linear_sq_norms(
         key = (tuple(x.shape), tuple(d.shape), x.dtype, d.dtype, x.device, d.device)
         groups.setdefault(key, []).append(i)
 
-    out = torch.empty((len(xs), bsz), dtype=torch.float32, device=xs[0].device)
+    ranges = _prepare_ranges(valid_range, segments, None, bsz, xs[0].shape[1], xs[0].device)
+    out = torch.empty((len(xs), bsz if ranges is None else ranges.shape[0]), dtype=torch.float32,
+                      device=xs[0].device)
     for idx in groups.values():
         if len(idx) == 1:
             x, d = xs[idx[0]], deltas[idx[0]]
         else:
             x = torch.cat([xs[i] for i in idx], dim=0)
             d = torch.cat([deltas[i] for i in idx], dim=0)
-        norms, _ = linear_sq_norms(x, d, method=method, valid_range=_repeat_range(valid_range, len(idx)))
-        out[idx] = norms.view(len(idx), bsz).to(out.device)
+        site_ranges = None if ranges is None else _repeat_segments(ranges.to(x.device), len(idx), bsz)
+        norms, _ = linear_sq_norms(x, d, method=method, segments=site_ranges, max_length=max_length)
+        out[idx] = norms.view(len(idx), -1).to(out.device)
     return out
 
 

@@ -2,13 +2,15 @@
 
 The launchers in `linear_norm.py` and `gram_norm.py` build a `Launch` and run it; `aot.py` builds the same `Launch`
 from meta tensors and compiles it ahead of time for a GPU target instead. One description, so that what is
-compiled offline is exactly what would be launched.
+compiled offline is exactly what would be launched. `site_args` is the argument prefix every norm kernel takes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -25,4 +27,28 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
-__all__ = ["Launch"]
+def site_args(x: Tensor, delta: Tensor, ranges: Tensor | None, norms: Tensor) -> tuple[Any, ...]:
+    """The arguments every norm kernel starts with: x, delta, segments, norms, T, M, N, x / delta / segment strides.
+
+    Without `ranges` the segments pointer is a placeholder (norms) that the kernel never reads (HAS_RANGE False).
+    """
+    r = ranges if ranges is not None else norms
+    return (
+        x,
+        delta,
+        r,
+        norms,
+        x.shape[1],
+        delta.shape[2],
+        x.shape[2],
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        delta.stride(0),
+        delta.stride(1),
+        delta.stride(2),
+        r.stride(0) if ranges is not None else 0,
+    )
+
+
+__all__ = ["Launch", "site_args"]

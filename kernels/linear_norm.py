@@ -17,9 +17,12 @@ the same products (a product of two bf16/fp16 numbers is exact in fp32). bf16 do
 interpreter, which cannot multiply bf16. Results are accumulated with fp32 atomics, so on a GPU the last bits may
 differ from run to run (summation order); the outer form writes without atomics.
 
-A `valid_range` ([B] lengths, or [B, 2] [start, end) per example) restricts each example to its valid tokens:
-blocks wholly outside the range are skipped, and tokens outside it do not count (padded positions normally have
-delta = 0, so the result is the same as without the range, only cheaper).
+Examples as segments: by default example b is row b, all T tokens. `segments` (int [S, 3] (row, start, end)), or
+`cu_seqlens` (offsets over the row-major flattened [B * T] tokens: flash-attention varlen), makes example i the
+tokens [start, end) of one row, so a packed row of several sequences gives one result per sequence ([S]), with
+no padding multiplied and nothing of size S x T or B x T x T built. `valid_range` ([B] lengths, or [B, 2]
+[start, end) per row) is the padded special case, one segment per row: blocks outside it are skipped (padded
+positions normally have delta = 0, so the result is the same as without the range, only cheaper).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from torch import Tensor
 
 from . import choose_method
 from .gram_norm import gram_launch
-from .launch import Launch
-from .token_range import example_token_range
+from .launch import Launch, site_args
+from .token_range import dot_acc, load_tile, segment_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _METHODS = ("auto", "instantiate", "gram", "outer")
@@ -40,35 +43,20 @@ _METHODS = ("auto", "instantiate", "gram", "outer")
 
 @triton.jit
 def _instantiate_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
     g_ptr,
-    T,
-    M,
-    N,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
     stride_gb,
     stride_gm,
-    HAS_RANGE: tl.constexpr,
-    WRITE_GRADS: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_RANGE: tl.constexpr, WRITE_GRADS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (B, cdiv(m, BLOCK_M), cdiv(n, BLOCK_N)): tile of G_b = sum_t delta_t x_t^T; norms_sq[b] += ||tile||^2."""
-    b = tl.program_id(0).to(tl.int64)
+    """Grid (S, cdiv(m, BLOCK_M), cdiv(n, BLOCK_N)): tile of G_i = sum over example i's tokens of delta_t x_t^T;
+    norms_sq[i] += ||tile||^2."""
+    i = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
+    b, start, end = segment_range(r_ptr, i, stride_rb, T, HAS_RANGE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -80,45 +68,25 @@ def _instantiate_kernel(
     for t0 in range(start, end, BLOCK_T):  # only the valid tokens: padded blocks cost nothing
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
-        d = tl.load(  # delta^T tile [BLOCK_M, BLOCK_T]
-            d_base + offs_m[:, None] * stride_dm + offs_t[None, :] * stride_dt,
-            mask=mask_m[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        xt = tl.load(  # x tile [BLOCK_T, BLOCK_N]
-            x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-            mask=mask_t[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if NATIVE_DOT:  # 16-bit products are exact in fp32: tensor cores, fp32 accumulation
-            acc = tl.dot(d, xt, acc)
-        else:  # "ieee": no tf32 rounding of fp32 inputs
-            acc = tl.dot(d.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        d = load_tile(d_base, offs_m, offs_t, stride_dm, stride_dt, mask_m, mask_t)  # delta^T [BLOCK_M, BLOCK_T]
+        xt = load_tile(x_base, offs_t, offs_n, stride_xt, stride_xn, mask_t, mask_n)  # x [BLOCK_T, BLOCK_N]
+        acc = dot_acc(d, xt, acc, NATIVE_DOT)
 
-    tl.atomic_add(norms_ptr + b, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    if WRITE_GRADS:  # grads is a fresh contiguous [B, m, n] fp32 tensor: unit stride along n
-        g_ptrs = g_ptr + b * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :]
+    tl.atomic_add(norms_ptr + i, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    if WRITE_GRADS:  # grads is a fresh contiguous [S, m, n] fp32 tensor: unit stride along n
+        g_ptrs = g_ptr + i * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :]
         tl.store(g_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _outer_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    M,
-    N,
-    stride_xb,
-    stride_xn,
-    stride_db,
-    stride_dm,
-    stride_rb,
-    HAS_RANGE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, T, M, N,  # launch.site_args: the site, its segments and sizes,
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # and their strides
+    HAS_RANGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (B,), T == 1: norms_sq[b] = ||delta_b||^2 * ||x_b||^2 (0 when the example's range excludes t = 0)."""
-    b = tl.program_id(0).to(tl.int64)
+    """Grid (S,), T == 1: norms_sq[i] = ||delta||^2 * ||x||^2 of example i's row (0 when its tokens exclude t = 0)."""
+    i = tl.program_id(0).to(tl.int64)
+    b, start, end = segment_range(r_ptr, i, stride_rb, T, HAS_RANGE)
     acc_x = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, N, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -131,10 +99,8 @@ def _outer_kernel(
         acc_d += v * v
     res = tl.sum(acc_x, axis=0) * tl.sum(acc_d, axis=0)
     if HAS_RANGE:
-        start = tl.load(r_ptr + b * stride_rb)
-        end = tl.load(r_ptr + b * stride_rb + 1)
         res = tl.where((start <= 0) & (end > 0), res, 0.0)
-    tl.store(norms_ptr + b, res)
+    tl.store(norms_ptr + i, res)
 
 
 # ---------------------------------------------------------------------------------------------- input handling
@@ -175,20 +141,49 @@ def _check_inputs(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     return x, delta
 
 
-def _prepare_ranges(valid_range: Tensor | None, bsz: int, t: int, device: torch.device) -> Tensor | None:
-    """[B] lengths or [B, 2] [start, end) -> contiguous int32 [B, 2] clamped to [0, T] on `device` (None: all)."""
+def _int_tensor(value: Tensor, name: str, device: torch.device) -> Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got {t.dtype}")
+    return t
+
+
+def segments_from_cu_seqlens(cu_seqlens: Tensor, t: int) -> Tensor:
+    """int32 [S, 3] (row, start, end) segments from cumulative lengths over row-major flattened [B * T] tokens."""
+    cu = _int_tensor(cu_seqlens, "cu_seqlens", cu_seqlens.device).flatten().long()
+    if cu.numel() < 2:
+        raise ValueError(f"cu_seqlens needs at least 2 offsets, got {cu.numel()}")
+    rows = cu[:-1] // t
+    return torch.stack([rows, cu[:-1] - rows * t, cu[1:] - rows * t], dim=1).to(torch.int32).contiguous()
+
+
+def _prepare_ranges(valid_range: Tensor | None, segments: Tensor | None, cu_seqlens: Tensor | None, bsz: int,
+                    t: int, device: torch.device) -> Tensor | None:
+    """The examples as contiguous int32 [S, 3] (row, start, end) segments on `device`, start/end clamped to
+    [0, T]; None: one example per row, all tokens. `valid_range` [B] lengths or [B, 2] [start, end) per row."""
+    given = [name for name, v in (("valid_range", valid_range), ("segments", segments), ("cu_seqlens", cu_seqlens))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of valid_range, segments and cu_seqlens, got {given}")
+    if cu_seqlens is not None:
+        segments = segments_from_cu_seqlens(torch.as_tensor(cu_seqlens, device=device), t)
+    if segments is not None:
+        seg = _int_tensor(segments, "segments", device)
+        if seg.dim() != 2 or seg.shape[1] != 3:
+            raise ValueError(f"segments must be [S, 3] (row, start, end), got {tuple(seg.shape)}")
+        bounds = seg[:, 1:].clamp(0, t)
+        return torch.cat([seg[:, :1], bounds], dim=1).to(torch.int32).contiguous()
     if valid_range is None:
         return None
-    vr = torch.as_tensor(valid_range, device=device)
-    if vr.dtype.is_floating_point or vr.dtype.is_complex or vr.dtype == torch.bool:
-        raise ValueError(f"valid_range must hold integers, got {vr.dtype}")
+    vr = _int_tensor(valid_range, "valid_range", device)
     if vr.dim() == 1 and vr.shape[0] == bsz:
         vr = torch.stack([torch.zeros_like(vr), vr], dim=1)
     elif tuple(vr.shape) != (bsz, 2):
         raise ValueError(
             f"valid_range must be [B] lengths or [B, 2] [start, end) with B = {bsz}, got {tuple(vr.shape)}"
         )
-    return vr.clamp(0, t).to(torch.int32).contiguous()
+    rows = torch.arange(bsz, device=device)[:, None]
+    return torch.cat([rows, vr.clamp(0, t)], dim=1).to(torch.int32).contiguous()
 
 
 def _native_dot(x: Tensor, delta: Tensor) -> bool:
@@ -235,34 +230,15 @@ def instantiate_launch(
     grads: Tensor | None,
     blocks: tuple[int, int, int] | None = None,
 ) -> Launch:
-    """The instantiate-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [B]) and, with `grads`, writing G_i."""
-    bsz, t, n = x.shape
-    m = delta.shape[2]
+    """The instantiate-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [S]) and, with `grads`, writing G_i."""
+    t, n, m = x.shape[1], x.shape[2], delta.shape[2]
     native = _native_dot(x, delta)
     bt, bm, bn, warps = instantiate_blocks(t, m, n, native)
     if blocks is not None:
         bt, bm, bn = blocks
     g = grads if grads is not None else norms  # placeholder pointer when WRITE_GRADS is False
-    r = ranges if ranges is not None else norms  # placeholder pointer when HAS_RANGE is False
-    args = (
-        x,
-        delta,
-        r,
-        norms,
-        g,
-        t,
-        m,
-        n,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        delta.stride(0),
-        delta.stride(1),
-        delta.stride(2),
-        r.stride(0) if ranges is not None else 0,
-        g.stride(0) if grads is not None else 0,
-        g.stride(1) if grads is not None else 0,
-    )
+    args = (*site_args(x, delta, ranges, norms), g, g.stride(0) if grads is not None else 0,
+            g.stride(1) if grads is not None else 0)
     constexprs = dict(
         HAS_RANGE=ranges is not None,
         WRITE_GRADS=grads is not None,
@@ -271,7 +247,7 @@ def instantiate_launch(
         BLOCK_M=bm,
         BLOCK_N=bn,
     )
-    grid = (bsz, triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = (norms.shape[0], triton.cdiv(m, bm), triton.cdiv(n, bn))
     return Launch(_instantiate_kernel, grid, args, constexprs, warps)
 
 
@@ -282,23 +258,8 @@ def outer_block(m: int, n: int) -> int:
 
 def outer_launch(x: Tensor, delta: Tensor, norms: Tensor, ranges: Tensor | None) -> Launch:
     """The T == 1 launch writing ||delta||^2 ||x||^2 into `norms`: one program per example, no atomics."""
-    bsz, _, n = x.shape
-    m = delta.shape[2]
-    r = ranges if ranges is not None else norms
-    args = (
-        x,
-        delta,
-        r,
-        norms,
-        m,
-        n,
-        x.stride(0),
-        x.stride(2),
-        delta.stride(0),
-        delta.stride(2),
-        r.stride(0) if ranges is not None else 0,
-    )
-    return Launch(_outer_kernel, (bsz,), args, dict(HAS_RANGE=ranges is not None, BLOCK=outer_block(m, n)), 4)
+    constexprs = dict(HAS_RANGE=ranges is not None, BLOCK=outer_block(delta.shape[2], x.shape[2]))
+    return Launch(_outer_kernel, (norms.shape[0],), site_args(x, delta, ranges, norms), constexprs, 4)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -311,16 +272,22 @@ def linear_sq_norms(
     method: str = "auto",
     write_grads: bool = False,
     valid_range: Tensor | None = None,
+    segments: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_length: int | None = None,
     _blocks: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Exact per-example ||G_i||_F^2 of a Linear site: (sq_norms [B] fp32, grads [B, m, n] fp32 or None).
+    """Exact per-example ||G_i||_F^2 of a Linear site: (sq_norms [S] fp32, grads [S, m, n] fp32 or None).
 
-    x [B, T, n] and delta [B, T, m] (fp32/bf16/fp16, CUDA, or CPU under TRITON_INTERPRET=1). `method` is
-    'instantiate', 'gram', 'outer' (T == 1 only) or 'auto': the cheapest by the rule of
-    `fastsel.engine.linear_math.choose_method` (instantiate ~ T*m*n, Gram ~ T^2*(m+n), T == 1 -> outer), or
-    'instantiate' when `write_grads` asks for the per-example gradients, which only that form builds.
-    `valid_range`: optional [B] lengths or [B, 2] [start, end) token ranges; tokens outside do not count.
-    `_blocks` overrides block sizes (tests): (BLOCK_T, BLOCK_M, BLOCK_N) for instantiate, (BLOCK_T, BLOCK_K) for gram.
+    x [B, T, n] and delta [B, T, m] (fp32/bf16/fp16, CUDA, or CPU under TRITON_INTERPRET=1). Examples: one per row
+    (S = B), restricted by `valid_range` ([B] lengths or [B, 2] [start, end)), or the token segments of packed
+    rows: `segments` int [S, 3] (row, start, end) or `cu_seqlens` [S + 1] over the flattened [B * T] tokens (a
+    segment may not cross rows). `max_length` (host int, default T) bounds the segments' lengths: it sizes the Gram
+    grid and, with method 'auto', the choice. `method` is 'instantiate', 'gram', 'outer' (T == 1 only) or 'auto':
+    the cheapest by the rule of `fastsel.engine.linear_math.choose_method` (instantiate ~ L*m*n, Gram ~
+    L^2*(m+n), T == 1 -> outer), or 'instantiate' when `write_grads` asks for the per-example gradients, which only
+    that form builds. `_blocks` overrides block sizes (tests): (BLOCK_T, BLOCK_M, BLOCK_N) for instantiate,
+    (BLOCK_T, BLOCK_K) for gram.
     """
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(_METHODS)}")
@@ -328,28 +295,31 @@ def linear_sq_norms(
     bsz, t, n = x.shape
     m = delta.shape[2]
     if method == "auto":
-        method = "instantiate" if write_grads else choose_method(t, m, n)
+        method = "instantiate" if write_grads else choose_method(t if max_length is None else max_length, m, n)
     if write_grads and method != "instantiate":
         raise ValueError(f"write_grads needs method 'instantiate' (or 'auto'), got {method!r}")
     if method == "outer" and t != 1:
         raise ValueError(f"the outer-product form is exact only for T == 1, got T = {t}")
-    ranges = _prepare_ranges(valid_range, bsz, t, x.device)
-    norms = torch.zeros(bsz, dtype=torch.float32, device=x.device)
-    if bsz == 0 or t == 0 or m == 0 or n == 0:  # empty sums: nothing to launch
-        grads = torch.zeros((bsz, m, n), dtype=torch.float32, device=x.device) if write_grads else None
+    ranges = _prepare_ranges(valid_range, segments, cu_seqlens, bsz, t, x.device)
+    count = bsz if ranges is None else ranges.shape[0]
+    norms = torch.zeros(count, dtype=torch.float32, device=x.device)
+    if count == 0 or t == 0 or m == 0 or n == 0:  # empty sums: nothing to launch
+        grads = torch.zeros((count, m, n), dtype=torch.float32, device=x.device) if write_grads else None
         return norms, grads
     grads = None
     if method == "instantiate":
         blocks = (_blocks[0], _blocks[1], _blocks[2]) if _blocks is not None else None
-        grads = torch.empty((bsz, m, n), dtype=torch.float32, device=x.device) if write_grads else None
+        grads = torch.empty((count, m, n), dtype=torch.float32, device=x.device) if write_grads else None
         launch = instantiate_launch(x, delta, norms, ranges, grads, blocks)
     elif method == "gram":
         bt, bk = (_blocks[0], _blocks[1]) if _blocks is not None else (None, None)
-        launch = gram_launch(x, delta, norms, ranges, _native_dot(x, delta), block_t=bt, block_k=bk)
+        launch = gram_launch(x, delta, norms, ranges, _native_dot(x, delta), block_t=bt, block_k=bk,
+                             max_length=max_length)
     else:
         launch = outer_launch(x, delta, norms, ranges)
     launch()
     return norms, grads
 
 
-__all__ = ["instantiate_blocks", "instantiate_launch", "linear_sq_norms", "outer_block", "outer_launch"]
+__all__ = ["instantiate_blocks", "instantiate_launch", "linear_sq_norms", "outer_block", "outer_launch",
+           "segments_from_cu_seqlens"]

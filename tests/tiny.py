@@ -58,3 +58,26 @@ def make_batch(lengths: list[int], total: int | None = None, *, side: str = "rig
         lab[:prompt] = -100
         labels[i, sl] = lab
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_packed(rows: list[list[int]], *, seed: int = 1, prompt: int = 2, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Packed (padding-free) batch: row r holds sequences of lengths rows[r] back to back, position_ids restarting
+    at 0; the first `prompt` tokens of each sequence are unsupervised. Rows shorter than the longest (plus `pad`
+    tokens) are right-padded, with an attention_mask marking the padding (present only then)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(sum(r) for r in rows) + pad
+    shape = (len(rows), width)
+    ids, pos, mask = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
+    labels = torch.full(shape, -100, dtype=torch.long)
+    for r, lengths in enumerate(rows):
+        t = 0
+        for n in lengths:
+            tok = torch.randint(1, VOCAB, (n,), generator=g)
+            lab = tok.clone()
+            lab[:prompt] = -100
+            ids[r, t:t + n], labels[r, t:t + n], pos[r, t:t + n], mask[r, t:t + n] = tok, lab, torch.arange(n), 1
+            t += n
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if not bool(mask.all()):
+        batch["attention_mask"] = mask.long()
+    return batch

@@ -1,5 +1,9 @@
 """The methods `fastsel bench` compares on one batch: the plain step (the floor), fastsel's norm pass, the naive
-per-example loop, torch.func vmap(grad) and Opacus ghost clipping. Each returns [B] norms (plain: nothing)."""
+per-example loop, torch.func vmap(grad) and Opacus ghost clipping. Each returns [B] norms (plain: nothing).
+
+The `*_packed` methods get the same examples packed padding-free (one example per sequence, same order):
+`PACKED_METHODS`. The peers (naive, vmap, Opacus) take the padded batch: their per-sample dimension is the batch
+dimension, so they have no packed form."""
 
 from __future__ import annotations
 
@@ -26,12 +30,13 @@ def zero_grads(model: nn.Module) -> None:
 
 
 def plain_step(batch: Mapping[str, Tensor], model: nn.Module) -> None:
-    """The floor: one batched forward and backward of the summed per-example losses (grads then dropped)."""
+    """The floor: one batched forward and backward of the summed per-example losses (grads then dropped); a
+    packed batch runs as the model's padding-free forward."""
     from fastsel.engine.losses import per_example_losses
     from fastsel.engine.model_io import forward_logits
 
     prepared = prepare_for(model, batch)
-    per_example_losses(forward_logits(model, prepared), prepared["labels"]).sum().backward()
+    per_example_losses(forward_logits(model, prepared), prepared["labels"], prepared["segments"]).sum().backward()
     zero_grads(model)
 
 
@@ -150,12 +155,16 @@ def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
 
 METHOD_FNS: dict[str, Callable[..., Any]] = {
     "plain": plain_step,
+    "plain_packed": plain_step,
+    "fastsel_torch": fastsel_norms("torch"),
+    "fastsel_torch_packed": fastsel_norms("torch"),
+    "fastsel_triton": fastsel_norms("triton"),
+    "fastsel_triton_packed": fastsel_norms("triton"),
     "naive": naive_norms,
     "vmap": vmap_norms,
     "opacus": opacus_norms,
-    "fastsel_torch": fastsel_norms("torch"),
-    "fastsel_triton": fastsel_norms("triton"),
 }
+PACKED_METHODS = ("plain_packed", "fastsel_torch_packed", "fastsel_triton_packed")
 
 
 def _short(e: BaseException) -> str:

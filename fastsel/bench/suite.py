@@ -1,5 +1,10 @@
 """`fastsel bench`: per-example gradient norms, fastsel vs the naive loop, torch.func, Opacus; training overheads.
 
+Workloads: random tokens at a fixed shape (`data="random"`), or the shipped instruction data at natural lengths
+(`data="instruct"`: Dolly, GSM8K, MedMCQA and SQuAD v2 mini sets interleaved, tokenized with the model's chat
+template, loss on the response). Every case's examples run both padded (one per row) and packed padding-free
+(back to back in one row: the `*_packed` methods), where the model can take packed rows.
+
 For each shape one batch goes through every method on identical inputs; the norms are CHECKED EQUAL (relative
 difference <= 1e-4 in fp32) before any time is taken, and a disagreement fails the run naming the method. Then each
 method is timed (warmup, median over repeats with IQR and min/max; CUDA synchronized) beside a plain batched
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, Unavailable, zero_grads
+from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, PACKED_METHODS, Unavailable, zero_grads
 from fastsel.bench.checks import BenchMismatch, check_agreement
 from fastsel.bench.output import (
     device_name,
@@ -38,18 +43,31 @@ from fastsel.bench.output import (
     write_report,
 )
 from fastsel.bench.timing import measure_peak, time_fns
+from fastsel.engine.batch import collate, pack
+from fastsel.engine.model_io import supports_packing
 
-METHODS = ("plain", "naive", "vmap", "opacus", "fastsel_torch", "fastsel_triton")
-NORM_METHODS = METHODS[1:]
+METHODS = ("plain", "plain_packed", "fastsel_torch", "fastsel_torch_packed", "fastsel_triton", "fastsel_triton_packed",
+           "naive", "vmap", "opacus")
+NORM_METHODS = tuple(m for m in METHODS if not m.startswith("plain"))
+TRITON_METHODS = ("fastsel_triton", "fastsel_triton_packed")
+SLOW_METHODS = ("naive", "vmap", "opacus")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max relative difference of the norms between methods
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TARGETS = {  # measured vs target in the table; never asserted
-    "cpu": {"norm_pass_over_plain": ("<=", 1.10)},
-    "cuda": {"norm_pass_over_plain": ("<=", 1.05), "moderate_epoch_over_full_epoch": ("<=", 1.05),
-             "peak_mem_over_plain": ("<=", 1.10), "naive_over_fastsel": (">=", 10.0)},
+INSTRUCT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")  # interleaved: uneven lengths, as instruction data has
+NO_PACKING = "the model cannot take packed rows (no position_ids, or the packing probe saw sequences mix)"
+TARGETS = {  # measured vs target in the table; never asserted. (op, value[, shortest T the target is meant for])
+    "cpu": {"norm_pass_over_plain": ("<=", 1.10), "packed_norm_pass_over_plain_packed": ("<=", 1.05),
+            "packed_norm_pass_over_plain": ("<=", 0.90), "naive_over_fastsel": (">=", 1.3),
+            "opacus_over_fastsel": (">=", 1.4, 256)},
+    "cuda": {"norm_pass_over_plain": ("<=", 1.05), "packed_norm_pass_over_plain_packed": ("<=", 1.05),
+             "moderate_epoch_over_full_epoch": ("<=", 1.05), "peak_mem_over_plain": ("<=", 1.10),
+             "naive_over_fastsel": (">=", 10.0)},
 }
-RATIO_KEYS = ("norm_pass_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
-              "moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step", "peak_mem_over_plain")
+CASE_RATIOS = ("norm_pass_over_plain", "packed_norm_pass_over_plain_packed", "packed_norm_pass_over_plain",
+               "plain_packed_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
+               "peak_mem_over_plain")
+TRAINING_RATIOS = ("moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step")
+RATIO_KEYS = CASE_RATIOS + TRAINING_RATIOS
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
@@ -57,7 +75,10 @@ RATIO_KEYS = ("norm_pass_over_plain", "naive_over_fastsel", "opacus_over_fastsel
 
 @dataclass
 class Case:
-    """One norm-pass comparison: a model, a batch shape, a LoRA rank, a dtype, and which methods to skip."""
+    """One norm-pass comparison: a model, a batch shape, a LoRA rank, a dtype, and which methods to skip.
+
+    data 'random': B rows of random tokens, lengths T down to about T/2; 'instruct': B examples of the shipped
+    instruction data at their natural lengths (at most T tokens)."""
 
     model: str  # synthetic | smollm2 | 7b-layers
     batch: int
@@ -68,17 +89,20 @@ class Case:
     gradient_checkpointing: bool = False
     headline: bool = False
     slow_repeats: int | None = None  # repeats for naive/vmap/opacus (None: the plan's), no warmup beyond the check
+    data: str = "random"  # random | instruct
+    warmup: int | None = None  # warmup rounds of the other methods (None: the plan's; the checked call also warms)
 
     def timing(self, method: str, plan: Plan) -> tuple[int, int]:
         """(warmup, repeats) for a method: the slow baselines may run fewer times (their ratios are large)."""
-        if self.slow_repeats is not None and method in ("naive", "vmap", "opacus"):
+        if self.slow_repeats is not None and method in SLOW_METHODS:
             return 0, self.slow_repeats
-        return plan.warmup, plan.repeats
+        return (plan.warmup if self.warmup is None else self.warmup), plan.repeats
 
     @property
     def label(self) -> str:
         gc = " +ckpt" if self.gradient_checkpointing else ""
-        return f"{self.model} B={self.batch} T={self.seq} r={self.rank} {self.dtype}{gc}"
+        shape = f"instruct B={self.batch} T<={self.seq}" if self.data == "instruct" else f"B={self.batch} T={self.seq}"
+        return f"{self.model} {shape} r={self.rank} {self.dtype}{gc}"
 
 
 @dataclass
@@ -91,6 +115,7 @@ class TrainingCase:
     rank: int
     steps: int
     dtype: str = "float32"
+    packed: bool = True  # the batches packed padding-free (where the model can take packed rows)
 
 
 @dataclass
@@ -120,14 +145,17 @@ def _budget_skips(model: str, batch: int, seq: int, *, naive_tokens: int, vmap_t
 def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None, tiny: bool = False,
                repeats: int | None = None, warmup: int | None = None, batches: tuple[int, ...] | None = None,
                seqs: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-               checkpointing: bool = True, methods: tuple[str, ...] | None = None) -> Plan:
-    """The shapes of a suite: 'quick' (CPU, < 5 min on 2 cores), 'cpu' (larger CPU grid) or 'gpu' (full grid).
+               checkpointing: bool = True, methods: tuple[str, ...] | None = None,
+               data: tuple[str, ...] | None = None) -> Plan:
+    """The shapes of a suite: 'quick' (CPU, estimated ~6 min and ~13 GB peak (vmap) on 2 cores), 'cpu' (larger CPU
+    grid) or 'gpu' (full grid).
 
     `tiny` keeps the suite's structure (models, methods, checkpointing case) with tiny random models and shapes,
     so that every code path, the GPU suite's included, runs in seconds on a CPU (the CI smoke test).
     `batches` / `seqs` / `dtypes` keep only the cases of those batch sizes / sequence lengths / dtypes (one
-    device call's share); `checkpointing=False` drops the gradient-checkpointing cases; `methods` keeps only
-    those norm methods (the rest are null, "not selected"; `plain` always runs, the ratios need it).
+    device call's share); `checkpointing=False` drops the gradient-checkpointing cases; `data` keeps only the
+    cases of those workloads ('random', 'instruct'); `methods` keeps only those norm methods (the rest are null,
+    "not selected"; `plain` always runs, and `plain_packed` with any packed method: the ratios need them).
     """
     unknown = sorted(set(methods or ()) - set(METHODS))
     if unknown:
@@ -141,7 +169,8 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
         for dtype in ("float32", "bfloat16") if suite == "gpu" else ("float32",):
             for r in (4, 8) if dtype == "float32" else (4,):
                 cases.append(Case("synthetic", 4, 16, r, dtype))
-            cases.append(Case("smollm2", 4, 16, 4, dtype, headline=dtype == "float32"))
+            cases.append(Case("smollm2", 4, 16, 4, dtype))
+        cases.append(Case("smollm2", 4, 96, 4, data="instruct", headline=True))
         if suite == "gpu":
             cases.append(Case("smollm2", 4, 32, 4, skip={"naive": "skipped for time (tiny smoke of the budget "
                                                                   "rule; checked on the first rows only)"}))
@@ -152,7 +181,7 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
     elif suite == "quick":
         for r in (8, 16, 64):
             cases.append(Case("synthetic", 8, 128, r))
-        cases.append(Case("smollm2", 8, 32, 16, headline=True, slow_repeats=1))
+        cases.append(Case("smollm2", 8, 512, 16, headline=True, slow_repeats=1, data="instruct", warmup=0))
         training = TrainingCase("smollm2", 8, 32, 16, steps=2)
         plan = Plan(suite, device, cases, training, warmup=1, repeats=3, models=models)
     elif suite == "cpu":
@@ -162,8 +191,9 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
                     cases.append(Case("synthetic", b, t, r))
         for b, t in ((8, 128), (8, 512), (32, 128)):
             cases.append(Case("smollm2", b, t, 16, skip=_budget_skips("smollm2", b, t, naive_tokens=4096,
-                                                                        vmap_tokens=4096),
-                              headline=(b, t) == (32, 128)))
+                                                                        vmap_tokens=4096)))
+        cases.append(Case("smollm2", 8, 512, 16, data="instruct", slow_repeats=2))
+        cases.append(Case("smollm2", 16, 512, 16, data="instruct", slow_repeats=2, headline=True))
         training = TrainingCase("smollm2", 8, 128, 16, steps=4)
         plan = Plan(suite, device, cases, training, warmup=1, repeats=5, models=models)
     else:
@@ -177,6 +207,7 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
                     cases.append(Case("smollm2", b, t, 16, dtype,
                                       skip=_budget_skips("smollm2", b, t, naive_tokens=32 * 512, vmap_tokens=32 * 512),
                                       headline=(b, t, dtype) == (32, 512, "float32")))
+            cases.append(Case("smollm2", 32, 512, 16, dtype, data="instruct"))
         # activation checkpointing: Opacus' hooks see the recomputed forward; fastsel must still be exact
         cases.append(Case("smollm2", 32, 512, 16, gradient_checkpointing=True))
         cases.append(Case("smollm2", 8, 2048, 16, gradient_checkpointing=True,
@@ -188,12 +219,13 @@ def build_plan(suite: str, device: str, *, models: tuple[str, ...] | None = None
         plan = Plan(suite, device, cases, training, warmup=2, repeats=10, models=models)
     plan.cases = [c for c in plan.cases if c.model in models and (batches is None or c.batch in batches)
                   and (seqs is None or c.seq in seqs) and (dtypes is None or c.dtype in dtypes)
-                  and (checkpointing or not c.gradient_checkpointing)]
+                  and (checkpointing or not c.gradient_checkpointing) and (data is None or c.data in data)]
     if plan.training is not None and (plan.training.model not in models
                                       or (dtypes is not None and plan.training.dtype not in dtypes)):
         plan.training = None
     if methods is not None:
-        plan.methods = tuple(m for m in METHODS if m in methods or m == "plain")
+        floors = {"plain"} | ({"plain_packed"} if set(methods) & set(PACKED_METHODS) else set())
+        plan.methods = tuple(m for m in METHODS if m in methods or m in floors)
     if repeats is not None:
         plan.repeats = repeats
     if warmup is not None:
@@ -238,6 +270,7 @@ class ModelCache:
         self.device, self.tiny, self.seed, self.random_weights = device, tiny, seed, random_weights
         self._bases: dict[tuple[str, str], nn.Module] = {}
         self.vocab: dict[str, int] = {}
+        self.tokenizers: dict[str, Any] = {}  # the embedded model's own; else the byte-level toy tokenizer
 
     def _base(self, name: str, dtype: str) -> nn.Module:
         key = (name, dtype)
@@ -249,9 +282,9 @@ class ModelCache:
             elif name == "smollm2" and not self.tiny:
                 from fastsel.integrations.models import load_model
 
-                base, _ = load_model("smollm2", dtype=DTYPES[dtype])
-            elif name == "smollm2":
-                base = _random_llama(32, 48, 4, 2, 97, self.seed)
+                base, self.tokenizers[name] = load_model("smollm2", dtype=DTYPES[dtype])
+            elif name == "smollm2":  # the toy tokenizer's vocabulary (262), for the instruct data
+                base = _random_llama(32, 48, 4, 2, 262, self.seed)
             elif name == "7b-layers":  # a 7B Llama's layer shapes, 2 layers, random weights
                 base = _random_llama(64, 172, 4, 2, 97, self.seed) if self.tiny else \
                     _random_llama(4096, 11008, 32, 2, 32000, self.seed)
@@ -278,6 +311,44 @@ class ModelCache:
                     p.normal_(0, 0.02)
         return model.to(device=self.device, dtype=DTYPES[dtype]).eval()
 
+    def tokenizer(self, name: str) -> tuple[Any, str]:
+        """(tokenizer, its description) for the instruct data: the model's own, else the byte-level toy one."""
+        if name in self.tokenizers:
+            return self.tokenizers[name], "the model's own"
+        from fastsel.experiments.data import toy_tokenizer
+
+        return toy_tokenizer(), "byte-level toy tokenizer (no tokenizer with these weights)"
+
+
+def instruct_features(count: int, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """The first `count` training examples of the shipped Dolly, GSM8K, MedMCQA and SQuAD v2 mini sets, taken in
+    turn, tokenized with the chat template (loss on the response) at their natural lengths (<= max_length)."""
+    from fastsel.experiments.data import load_task, tokenize_example
+
+    tasks = [list(load_task(name, split="train")) for name in INSTRUCT_TASKS]
+    rows = [row for group in zip(*tasks, strict=False) for row in group][:count]
+    if len(rows) < count:
+        raise ValueError(f"the shipped instruction data has {len(rows)} interleaved examples, fewer than {count}")
+    return [tokenize_example(row, tokenizer, max_length) for row in rows]
+
+
+def case_features(case: Case, cache: ModelCache) -> tuple[list[dict[str, Any]], str]:
+    """The case's examples as tokenized rows, and where their tokens come from."""
+    if case.data == "instruct":
+        tokenizer, how = cache.tokenizer(case.model)
+        return instruct_features(case.batch, tokenizer, case.seq), how
+    batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
+    keep = batch["attention_mask"].bool()
+    return [{"input_ids": batch["input_ids"][i][keep[i]].tolist(), "labels": batch["labels"][i][keep[i]].tolist()}
+            for i in range(case.batch)], "random tokens"
+
+
+def layouts(features: list[dict[str, Any]]) -> dict[str, dict[str, Tensor]]:
+    """The same examples padded (right, one per row) and packed (one padding-free row), in the same order."""
+    padded, packed = collate(features, 0), pack(features, 0)
+    return {"padded": {k: padded[k] for k in ("input_ids", "attention_mask", "labels")},
+            "packed": {k: v for k, v in packed.items() if isinstance(v, Tensor)}}
+
 
 def bench_batch(batch: int, seq: int, vocab: int, *, seed: int = 0, prompt: int = 4) -> dict[str, Tensor]:
     """Right-padded random batch: row 0 has T tokens, the others down to about T/2; the prompt is unsupervised."""
@@ -299,12 +370,23 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
             raise ValueError(f"{case.model} has no gradient checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers checkpoints only in train mode (the models have no dropout)
-    batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
+    features, tokens_from = case_features(case, cache)
+    batches = layouts(features)
+    batch = batches["padded"]
+
+    def inputs(name: str) -> dict[str, Tensor]:
+        return batches["packed"] if name in PACKED_METHODS else batch
+
     tol = TOLERANCE[case.dtype]
     skipped: dict[str, str] = dict(case.skip)
     skipped.update({name: "not selected (--methods)" for name in METHODS if name not in plan.methods})
-    if plan.device == "cpu" and "fastsel_triton" not in skipped:
-        skipped["fastsel_triton"] = NO_TRITON_CPU
+    if plan.device == "cpu":
+        for name in TRITON_METHODS:
+            skipped.setdefault(name, NO_TRITON_CPU)
+    probe = batches["packed"]["input_ids"].to(plan.device)
+    if not supports_packing(model, probe):
+        for name in PACKED_METHODS:
+            skipped.setdefault(name, NO_PACKING)
     results: dict[str, dict[str, Any] | None] = {}
     norms: dict[str, Tensor] = {}
     # 1. one call of each method: peak memory and the norms, all checked before anything is timed
@@ -313,12 +395,12 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
             continue
         fn = METHOD_FNS[name]
         try:
-            out, peak, how = measure_peak(lambda fn=fn: fn(batch, model), plan.device)
+            out, peak, how = measure_peak(lambda fn=fn, name=name: fn(inputs(name), model), plan.device)
         except Unavailable as e:
             skipped[name] = str(e)
             continue
         results[name] = {"peak_mem_bytes": peak, "peak_mem_how": how}
-        if name != "plain":
+        if name in NORM_METHODS:
             norms[name] = out.detach().float().cpu()
     rows = {name: list(range(case.batch)) for name in norms}
     ref_name = "naive"
@@ -331,7 +413,8 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     # 2. timings
     groups: dict[tuple[int, int], dict[str, Callable[[], Any]]] = {}
     for name in results:
-        groups.setdefault(case.timing(name, plan), {})[name] = lambda fn=METHOD_FNS[name]: fn(batch, model)
+        groups.setdefault(case.timing(name, plan), {})[name] = \
+            lambda fn=METHOD_FNS[name], name=name: fn(inputs(name), model)
     for (warmup, repeats), fns in groups.items():
         for name, stats in time_fns(fns, warmup=warmup, repeats=repeats, device=plan.device).items():
             results[name].update(stats)
@@ -342,8 +425,9 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     for name, reason in skipped.items():
         log(f"  {name:<15} {'null':>10}    ({reason})")
     methods = {name: results.get(name) for name in METHODS}
-    return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name,
-            "lengths": batch["attention_mask"].sum(1).tolist(), "methods": methods, "skipped": skipped}
+    return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name, "tokens": tokens_from,
+            "lengths": batch["attention_mask"].sum(1).tolist(), "packed_shape": list(batches["packed"]["input_ids"].shape),
+            "methods": methods, "skipped": skipped}
 
 
 def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -362,6 +446,11 @@ def run_training(tc: TrainingCase, cache: ModelCache, plan: Plan, log: Callable[
     model = cache.get(tc.model, tc.rank, tc.dtype)
     vocab = cache.vocab[tc.model]
     batches = [bench_batch(tc.batch, tc.seq, vocab, seed=cache.seed + 1 + i) for i in range(tc.steps)]
+    packed = tc.packed and supports_packing(model, batches[0]["input_ids"].to(plan.device))
+    if packed:
+        batches = [layouts([{"input_ids": b["input_ids"][i][b["attention_mask"][i].bool()].tolist(),
+                             "labels": b["labels"][i][b["attention_mask"][i].bool()].tolist()}
+                            for i in range(tc.batch)])["packed"] for b in batches]
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -385,7 +474,7 @@ def run_training(tc: TrainingCase, cache: ModelCache, plan: Plan, log: Callable[
     if rel > TOLERANCE[tc.dtype]:
         raise BenchMismatch(f"method 'single_pass' disagrees with 'two_pass': relative gradient difference "
                             f"{rel:.3e}")
-    out: dict[str, Any] = {**asdict(tc), "single_vs_two_pass_grad_rel_diff": rel}
+    out: dict[str, Any] = {**asdict(tc), "packed": packed, "single_vs_two_pass_grad_rel_diff": rel}
     warm = 0 if plan.suite == "quick" else plan.warmup  # quick: the two checked steps above are the warmup
     reps = max(2, plan.repeats - 1) if plan.suite == "quick" and not plan.tiny else plan.repeats
     out.update(time_fns({"full_epoch": lambda: epoch("full"), "moderate_epoch": lambda: epoch("moderate")},
@@ -405,8 +494,19 @@ def _median(entry: Mapping[str, Any] | None, key: str = "median_s") -> float | N
     return None if entry is None else entry.get(key)
 
 
+def _fastsel_names(methods: Mapping[str, Any]) -> tuple[str, str]:
+    """(padded, packed) fastsel method names of a case: triton where it ran, else torch."""
+    pad = "fastsel_triton" if methods.get("fastsel_triton") else "fastsel_torch"
+    packed = "fastsel_triton_packed" if methods.get("fastsel_triton_packed") else "fastsel_torch_packed"
+    return pad, packed
+
+
 def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The headline ratios (null, with `<key>_reason`, where a method could not run)."""
+    """The headline ratios (null, with `<key>_reason`, where a method could not run).
+
+    fastsel = its packed norm pass where the model takes packed rows, else the padded one (`fastsel_method`);
+    the peers (naive, vmap, Opacus) are compared with it, and its peak memory with the plain step of its layout.
+    """
     ratios: dict[str, Any] = {}
     head = next((c for c in report["cases"] if c.get("headline")), report["cases"][-1] if report["cases"] else None)
 
@@ -417,24 +517,29 @@ def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
             ratios[key] = num / den
 
     if head is None:
-        for key in RATIO_KEYS[:4] + RATIO_KEYS[6:]:
+        for key in CASE_RATIOS:
             ratios[key], ratios[f"{key}_reason"] = None, "no norm-pass case in this run"
     else:
         m, skipped = head["methods"], head["skipped"]
-        fast_name = "fastsel_triton" if m.get("fastsel_triton") else "fastsel_torch"
-        fast = _median(m.get(fast_name))
-        ratios["fastsel_method"] = fast_name
+        fast_pad, fast_packed = _fastsel_names(m)
+        best = fast_packed if m.get(fast_packed) else fast_pad
+        plain_of_best = "plain_packed" if best == fast_packed else "plain"
+        ratios["fastsel_method"] = best
         ratios["headline"] = head["label"]
+        ratios["headline_longest"] = max(head["lengths"])
 
-        def why(name: str) -> str:
-            return skipped.get(name, "not run")
+        def why(*names: str) -> str:
+            return "; ".join(f"{n}: {skipped.get(n, 'not run')}" for n in names if not m.get(n))
 
-        put("norm_pass_over_plain", fast, _median(m.get("plain")), f"fastsel: {why(fast_name)}")
-        put("naive_over_fastsel", _median(m.get("naive")), fast, f"naive: {why('naive')}")
-        put("opacus_over_fastsel", _median(m.get("opacus")), fast, f"opacus: {why('opacus')}")
-        put("vmap_over_fastsel", _median(m.get("vmap")), fast, f"vmap: {why('vmap')}")
-        put("peak_mem_over_plain", _median(m.get(fast_name), "peak_mem_bytes"),
-            _median(m.get("plain"), "peak_mem_bytes"), "peak memory not measurable here")
+        t = {name: _median(m.get(name)) for name in METHODS}
+        put("norm_pass_over_plain", t[fast_pad], t["plain"], why(fast_pad, "plain"))
+        put("packed_norm_pass_over_plain_packed", t[fast_packed], t["plain_packed"], why(fast_packed, "plain_packed"))
+        put("packed_norm_pass_over_plain", t[fast_packed], t["plain"], why(fast_packed, "plain"))
+        put("plain_packed_over_plain", t["plain_packed"], t["plain"], why("plain_packed", "plain"))
+        for peer in ("naive", "opacus", "vmap"):
+            put(f"{peer}_over_fastsel", t[peer], t[best], why(peer, best))
+        put("peak_mem_over_plain", _median(m.get(best), "peak_mem_bytes"),
+            _median(m.get(plain_of_best), "peak_mem_bytes"), "peak memory not measurable here")
     tr = report.get("training")
     reason = "no training case in this run"
     put("moderate_epoch_over_full_epoch", _median(tr and tr["moderate_epoch"]), _median(tr and tr["full_epoch"]),
@@ -465,8 +570,8 @@ def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -
                           plan.device.startswith("cuda") else
                           "CPU: peak of live CPU tensor bytes during the call, from torch.profiler allocator "
                           "events (not RSS; excludes memory live before the call)"),
-        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS["cuda" if plan.device.startswith("cuda")
-                                                                       else "cpu"].items()},
+        "targets": {k: {"op": t[0], "value": t[1], **({"min_seq": t[2]} if len(t) > 2 else {})}
+                    for k, t in TARGETS["cuda" if plan.device.startswith("cuda") else "cpu"].items()},
         "cases": [],
         "training": None,
     }
@@ -482,6 +587,33 @@ def run_plan(plan: Plan, *, seed: int = 0, log: Callable[[str], None] = print) -
     return report
 
 
+def _target_cells(key: str, value: float | None, target: Mapping[str, Any] | None,
+                  longest: int | None) -> tuple[str, str]:
+    """(target, verdict) cells of a ratio: met / missed, or why the target does not apply to this run."""
+    if not target:
+        return "", ""
+    tgt = f"{target['op']} {target['value']:g}"
+    if target.get("min_seq"):
+        tgt += f" at T >= {target['min_seq']}"
+        if longest is not None and longest < target["min_seq"]:
+            return tgt, f"not applicable (longest example: {longest} tokens)"
+    if value is None:
+        return tgt, ""
+    ok = value <= target["value"] if target["op"] == "<=" else value >= target["value"]
+    return tgt, "met" if ok else "missed"
+
+
+def _fill(case: Mapping[str, Any]) -> str:
+    lengths = case["lengths"]
+    return f"{sum(lengths)} ({sum(lengths) / (len(lengths) * max(lengths)):.0%})"
+
+
+def _over(num: Mapping[str, Any] | None, den: Mapping[str, Any] | None, key: str = "median_s") -> str:
+    if not num or not den or not num.get(key) or not den.get(key):
+        return "null"
+    return fmt_ratio(num[key] / den[key])
+
+
 def markdown_table(path: str | os.PathLike[str]) -> str:
     """Render a results JSON as Markdown: the headline ratios vs targets, the norm-pass table, training."""
     report = json.loads(Path(path).read_text())
@@ -494,35 +626,33 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
     lines += [f"Headline: {ratios.get('headline', 'n/a')} (fastsel = `{ratios.get('fastsel_method', 'n/a')}`)", "",
               "| ratio | measured | target | |", "|---|---|---|---|"]
     for key in RATIO_KEYS:
-        value, target = ratios.get(key), targets.get(key)
-        tgt = "" if not target else f"{target['op']} {target['value']:g}"
-        verdict = ""
-        if target and value is not None:
-            ok = value <= target["value"] if target["op"] == "<=" else value >= target["value"]
-            verdict = "met" if ok else "missed"
+        if key not in ratios:  # a report from before the ratio existed
+            continue
+        value = ratios[key]
+        tgt, verdict = _target_cells(key, value, targets.get(key), ratios.get("headline_longest"))
         shown = fmt_ratio(value) if value is not None else f"null ({ratios.get(key + '_reason', '')})"
         lines.append(f"| `{key}` | {shown} | {tgt} | {verdict} |")
-    lines += ["", "| case | plain | fastsel torch | fastsel triton | naive | vmap | opacus | norm/plain | "
-              "peak mem norm/plain |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "fastsel = the `torch` backend (`triton` where it ran). Tokens: the examples' tokens and the "
+              "padded batch's fill; packed = the same examples back to back, padding-free.", "",
+              "| case | tokens (fill) | plain | plain packed | fastsel | fastsel packed | naive | vmap | opacus | "
+              "fastsel/plain | packed: fastsel/plain | peak mem fastsel/plain |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         m = c["methods"]
-        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
-        plain = m.get("plain")
-        over = fmt_ratio(fast["median_s"] / plain["median_s"]) if fast and plain else "null"
-        mem = "null"
-        if fast and plain and fast.get("peak_mem_bytes") and plain.get("peak_mem_bytes"):
-            mem = fmt_ratio(fast["peak_mem_bytes"] / plain["peak_mem_bytes"])
-        cells = [fmt_time(m.get(k)) for k in ("plain", "fastsel_torch", "fastsel_triton", "naive", "vmap",
-                                                "opacus")]
-        lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {' | '.join(cells)} | "
-                     f"{over} | {mem} |")
+        pad, packed = _fastsel_names(m)
+        cells = [fmt_time(m.get(k)) for k in ("plain", "plain_packed", pad, packed, "naive", "vmap", "opacus")]
+        lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {_fill(c)} | "
+                     f"{' | '.join(cells)} | {_over(m.get(pad), m.get('plain'))} | "
+                     f"{_over(m.get(packed), m.get('plain_packed'))} | "
+                     f"{_over(m.get(pad), m.get('plain'), 'peak_mem_bytes')} |")
     reasons = sorted({f"{k}: {r}" for c in report["cases"] for k, r in c["skipped"].items()})
     if reasons:
         lines += ["", "null = not run: " + "; ".join(reasons) + "."]
     tr = report.get("training")
     if tr:
-        lines += ["", f"Training ({tr['model']} B={tr['batch']} T={tr['seq']} r={tr['rank']}, {tr['steps']} "
-                  "steps per epoch, selective_backward + AdamW):", "",
+        layout = "packed" if tr.get("packed") else "padded"
+        lines += ["", f"Training ({tr['model']} B={tr['batch']} T={tr['seq']} r={tr['rank']}, {layout}, "
+                  f"{tr['steps']} steps per epoch, selective_backward + AdamW):", "",
                   "| | median [q1–q3] |", "|---|---|"]
         for key in ("moderate_epoch", "full_epoch", "single_pass_step", "two_pass_step"):
             lines.append(f"| {key.replace('_', ' ')} | {fmt_time(tr[key])} |")
@@ -532,12 +662,13 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
 def print_table(report: Mapping[str, Any]) -> None:
     """A plain-text summary on stdout."""
     print(f"\n{report['device_name']} ({report['device_type']}), torch {report['versions']['torch']}")
-    print(f"{'case':<40} {'plain ms':>10} {'fastsel':>10} {'naive':>10} {'vmap':>10} {'opacus':>10}")
+    names = ("plain", "plain packed", "fastsel", "fs packed", "naive", "vmap", "opacus")
+    print(f"{'case':<44} " + " ".join(f"{n:>12}" for n in names))
     for c in report["cases"]:
         m = c["methods"]
-        fast = m.get("fastsel_triton") or m.get("fastsel_torch")
-        vals = [m.get("plain"), fast, m.get("naive"), m.get("vmap"), m.get("opacus")]
-        print(f"{c['label']:<40} " + " ".join(f"{x['median_s'] * 1e3:>10.2f}" if x else f"{'null':>10}"
+        pad, packed = _fastsel_names(m)
+        vals = [m.get(k) for k in ("plain", "plain_packed", pad, packed, "naive", "vmap", "opacus")]
+        print(f"{c['label']:<44} " + " ".join(f"{x['median_s'] * 1e3:>12.2f}" if x else f"{'null':>12}"
                                              for x in vals))
     print("\nratios:")
     for key in RATIO_KEYS:
@@ -550,7 +681,7 @@ def print_table(report: Mapping[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (< 5 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the CPU quick suite (estimated ~6 min on 2 cores)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>-<yyyymmdd>.json")
     parser.add_argument("--model", choices=("all", "synthetic", "smollm2", "7b-layers"), default="all")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
@@ -563,8 +694,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
                         help="keep only cases of these dtypes")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing cases")
+    parser.add_argument("--data", nargs="+", choices=("random", "instruct"), default=None,
+                        help="keep only cases of these workloads (random tokens; shipped instruction data)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help="run only these methods (plain always runs; the others are null, 'not selected')")
+                        help="run only these methods (plain always runs, plain_packed with a packed method; the "
+                             "others are null, 'not selected')")
     parser.add_argument("--no-training", action="store_true", help="skip the training-overhead measurement")
     parser.add_argument("--training-steps", type=int, default=None, help="steps per timed epoch (default: the suite's)")
     parser.add_argument("--repeats", type=int, default=None)
@@ -584,7 +718,8 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(suite, device, models=models, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup,
                       batches=tuple(args.batch) if args.batch else None, seqs=tuple(args.seq) if args.seq else None,
                       dtypes=tuple(args.dtype) if args.dtype else None, checkpointing=not args.no_checkpointing,
-                      methods=tuple(args.methods) if args.methods else None)
+                      methods=tuple(args.methods) if args.methods else None,
+                      data=tuple(args.data) if args.data else None)
     if args.no_training:
         plan.training = None
     elif args.training_steps is not None and plan.training is not None:

@@ -10,6 +10,10 @@ Contributions are written as G = sum_t a_t b_t^T over the parameter's [rows, col
 - Linear weight [out, in]: a = output-grad, b = input;
 - Embedding weight [V, d]: a = one-hot(token id) (kept as ids), b = output-grad;
 - Linear bias [out]: the per-example gradient sum_t delta_t directly.
+
+Module inputs and output-gradients arrive per row ([R, N, ...]); the batch's `Segments` say which tokens form which
+example: one row each (padded) or a segment of a row (packed, where every sum over t runs over the segment's tokens).
+The Linear functions handed in (`LinearSqNorms`, `LinearGrads`) are already bound to those segments.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fastsel.engine import linear_math
+from fastsel.engine.segments import Segments
 
 # Largest per-example gradient buffer (bytes) a parameter may instantiate when it is fed by several calls.
 INSTANTIATE_BUDGET_BYTES = 256 * 2**20
@@ -33,7 +38,7 @@ def as_sequence(t: Tensor, batch_size: int, what: str) -> Tensor:
     """View a module input/grad as [B, T, ...] (T = 1 for [B, features]); refuse rows not split by example."""
     if t.shape[0] != batch_size:
         raise NotImplementedError(
-            f"{what} has leading dimension {t.shape[0]} but the batch has {batch_size} examples: fastsel cannot "
+            f"{what} has leading dimension {t.shape[0]} but the batch has {batch_size} rows: fastsel cannot "
             "attribute its rows to examples (a module that flattens the batch, e.g. a mixture-of-experts router)"
         )
     if t.dim() == 2 and t.dtype.is_floating_point:
@@ -66,6 +71,12 @@ def mixed_gram_sq_norms(sites: list[tuple[Tensor, Tensor]]) -> Tensor:
     return total
 
 
+def segment_mixed_gram_sq_norms(sites: list[tuple[Tensor, Tensor]], segments: Segments) -> Tensor:
+    """`mixed_gram_sq_norms` of every segment of a packed batch, one segment at a time (sites over [R, N] rows)."""
+    return torch.cat([mixed_gram_sq_norms([(a[r:r + 1, s:e], b[r:r + 1, s:e]) for a, b in sites])
+                      for r, s, e in segments.spans])
+
+
 def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: GroupedSqNorms) -> None:
     """Launch all deferred direct Linear sites at once (grouped by shape inside `grouped_sq_norms`)."""
     waiting = [acc for acc in accumulators if acc.deferred is not None]
@@ -76,23 +87,31 @@ def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: Gro
         acc.sq, acc.deferred = sq, None
 
 
-def embedding_grads(ids: Tensor, delta: Tensor, num_rows: int) -> Tensor:
-    """Per-example Embedding gradient [B, V, d] in fp32: row v = sum of delta_t over positions with id_t = v."""
+def embedding_grads(ids: Tensor, delta: Tensor, num_rows: int, segments: Segments | None = None) -> Tensor:
+    """Per-example Embedding gradient [B, V, d] in fp32: row v = sum of delta_t over positions with id_t = v.
+
+    With packed `segments`, example i's positions are segment i's tokens ([S, V, d]; padding tokens dropped)."""
     b, t, d = delta.shape
-    grads = delta.new_zeros((b * num_rows, d), dtype=torch.float32)
-    rows = (ids + num_rows * torch.arange(b, device=ids.device)[:, None]).reshape(-1)
+    if segments is not None and segments.packed:
+        count, example = len(segments), segments.example_of_token
+        example = torch.where(example >= 0, example, count)  # padding: a bucket that is cut off below
+    else:
+        count, example = b, torch.arange(b, device=ids.device)[:, None]
+    grads = delta.new_zeros(((count + 1) * num_rows, d), dtype=torch.float32)
+    rows = (ids + num_rows * example).reshape(-1)
     grads.index_add_(0, rows, delta.reshape(-1, d).float())
-    return grads.view(b, num_rows, d)
+    return grads[: count * num_rows].view(count, num_rows, d)
 
 
 class ParamAccumulator:
     """Exact per-example squared gradient norm of one parameter from its module-call contributions."""
 
-    def __init__(self, shape: tuple[int, ...], batch_size: int, expected_calls: int, keep_grads: bool,
+    def __init__(self, shape: tuple[int, ...], segments: Segments, expected_calls: int, keep_grads: bool,
                  linear_sq_norms: LinearSqNorms, defer: bool = False,
                  linear_grads: LinearGrads = linear_math.per_example_grads) -> None:
         self.shape = shape
-        self.batch_size = batch_size
+        self.segments = segments
+        self.batch_size = segments.num_rows  # rows of the module inputs; examples: len(segments)
         self.direct = expected_calls == 1 and not keep_grads
         self.keep_grads = keep_grads
         self.linear_sq_norms = linear_sq_norms
@@ -106,7 +125,12 @@ class ParamAccumulator:
         numel = 1
         for s in shape:
             numel *= s
-        self.instantiate_ok = keep_grads or batch_size * numel * 4 <= INSTANTIATE_BUDGET_BYTES
+        self.instantiate_ok = keep_grads or len(segments) * numel * 4 <= INSTANTIATE_BUDGET_BYTES
+
+    def _mixed_gram(self, sites: list[tuple[Tensor, Tensor]]) -> Tensor:
+        if self.segments.packed:
+            return segment_mixed_gram_sq_norms(sites, self.segments)
+        return mixed_gram_sq_norms(sites)
 
     def _add_grads(self, g: Tensor) -> None:
         self.grads = g if self.grads is None else self.grads + g
@@ -115,8 +139,13 @@ class ParamAccumulator:
         """Take one module call's contribution (role: 'linear.weight', 'linear.bias' or 'embedding.weight')."""
         self.calls += 1
         delta = as_sequence(grad_out, self.batch_size, "an output gradient")
+        packed = self.segments.packed
+        if packed and delta.shape[1] != self.segments.width:
+            raise NotImplementedError(
+                f"a module sees {delta.shape[1]} positions per row but the packed batch has {self.segments.width} "
+                "tokens per row: fastsel cannot split its rows into the packed sequences; use padded batches")
         if role == "linear.bias":
-            self._add_grads(delta.float().sum(dim=1))
+            self._add_grads(self.segments.sum(delta) if packed else delta.float().sum(dim=1))
             return
         if role == "linear.weight":
             a, b = delta, as_sequence(inp, self.batch_size, "a Linear input")
@@ -129,12 +158,12 @@ class ParamAccumulator:
         elif self.direct and role == "linear.weight":
             self.sq = self.linear_sq_norms(b, a)
         elif self.direct and not self.instantiate_ok:
-            self.sq = mixed_gram_sq_norms([(a, b)])
+            self.sq = self._mixed_gram([(a, b)])
         elif self.instantiate_ok:
             if role == "linear.weight":
                 self._add_grads(self.linear_grads(b, a))
             else:
-                self._add_grads(embedding_grads(a, b, self.shape[0]))
+                self._add_grads(embedding_grads(a, b, self.shape[0], self.segments))
         else:
             self.sites.append((a, b))
 
@@ -148,7 +177,7 @@ class ParamAccumulator:
         if self.grads is not None:
             parts.append(self.grads.flatten(1).square().sum(dim=1))
         if self.sites:
-            parts.append(mixed_gram_sq_norms(self.sites))
+            parts.append(self._mixed_gram(self.sites))
         if not parts:
             return None
         if len(parts) > 1:
@@ -157,21 +186,29 @@ class ParamAccumulator:
 
 
 class RowSplit:
-    """Two accumulators of one parameter over complementary example rows: per-example gradients kept for `keep`
-    (rows that can still be selected), squared norms only for the rest. Each module call's input and output
-    gradient are split by row, so every row's norm is exactly what one accumulator over all rows would give."""
+    """Two accumulators of one parameter over complementary examples: per-example gradients kept for `keep`
+    (examples that can still be selected), squared norms only for the rest, so every example's norm is exactly
+    what one accumulator over all examples would give. `by_row` (padded batches): each module call's input and
+    output gradient are split by row. Otherwise (packed batches, where a row holds several examples) both
+    accumulators see the whole rows and their Segments (`Segments.subset`) pick each one's sequences' tokens."""
 
-    def __init__(self, keep: Tensor, rest: Tensor, kept: ParamAccumulator, others: ParamAccumulator) -> None:
+    def __init__(self, keep: Tensor, rest: Tensor, kept: ParamAccumulator, others: ParamAccumulator, *,
+                 by_row: bool = True) -> None:
         self.keep, self.rest = keep, rest
         self.kept, self.others = kept, others
+        self.by_row = by_row
 
     def add(self, role: str, inp: Tensor, grad_out: Tensor) -> None:
+        if not self.by_row:
+            self.kept.add(role, inp, grad_out)
+            self.others.add(role, inp, grad_out)
+            return
         keep, rest = self.keep.to(grad_out.device), self.rest.to(grad_out.device)
         self.kept.add(role, inp.index_select(0, keep.to(inp.device)), grad_out.index_select(0, keep))
         self.others.add(role, inp.index_select(0, rest.to(inp.device)), grad_out.index_select(0, rest))
 
     def sq_norms(self) -> Tensor | None:
-        """[B] fp32 squared norms of all rows (None if no call contributed)."""
+        """[B] fp32 squared norms of all examples (None if no call contributed)."""
         kept, others = self.kept.sq_norms(), self.others.sq_norms()
         if kept is None and others is None:
             return None

@@ -17,8 +17,9 @@ too: tests, `benchmarks/gpu_session.sh --dry-run`), =off never (the kernels are 
 
 Extending: `CHECKS` maps a family name to a check function `check(case: Case) -> None`, which runs the family's
 kernels on small inputs on `case.device` in `case.x_dtype` / `case.delta_dtype` and calls `compare` (or raises)
-on any difference from the torch reference. A new kernel family (segment/cu_seqlens variants, gradient-dot
-kernels) adds ONE entry to `CHECKS` and asks `usable(family, ...)` in its dispatch before launching.
+on any difference from the torch reference. A new kernel family adds ONE entry to `CHECKS` and asks
+`usable(family, ...)` in its dispatch before launching. Packed batches use the 'segment_*' families (several
+examples per row, given as (row, start, end) segments); padded batches the plain ones (one example per row).
 """
 
 from __future__ import annotations
@@ -178,13 +179,74 @@ def check_write_grads(case: Case) -> None:
     compare("write_grads norms", norms, ref.square().sum(dim=(1, 2)))
 
 
+# packed rows (several examples per row, trailing padding, a 1-token and a 2-token sequence): (row, start, end)
+_SPANS = [(0, 0, 7), (0, 7, 8), (0, 8, 21), (1, 0, 2), (1, 2, 15), (2, 0, 21)]
+
+
+def _segment_reference(x: Tensor, d: Tensor) -> Tensor:
+    """fp32 per-segment gradients [S, m, n] of the _SPANS segments, one matmul per segment."""
+    return torch.stack([d[r, s:e].float().T @ x[r, s:e].float() for r, s, e in _SPANS])
+
+
+def _segments(case: Case) -> Tensor:
+    return torch.tensor(_SPANS, dtype=torch.int32, device=case.device)
+
+
+def check_segment_instantiate(case: Case) -> None:
+    """Packed segments, instantiate form, both LoRA orientations, several tiles."""
+    for i, (n, m) in enumerate(((150, 5), (5, 150))):
+        x, d = case.inputs(3, 21, n, m, seed=20 + i)
+        got, _ = _kernels().linear_sq_norms(x, d, method="instantiate", segments=_segments(case), max_length=21)
+        with _exact_fp32():
+            ref = _segment_reference(x, d).square().sum(dim=(1, 2))
+        compare(f"segment_instantiate n={n} m={m}", got, ref)
+
+
+def check_segment_gram(case: Case) -> None:
+    """Packed segments, Gram form over several token blocks (a segment starting inside a block)."""
+    x, d = case.inputs(3, 21, 48, 40, seed=22)
+    got, _ = _kernels().linear_sq_norms(x, d, method="gram", segments=_segments(case), max_length=21)
+    with _exact_fp32():
+        ref = _segment_reference(x, d).square().sum(dim=(1, 2))
+    compare("segment_gram", got, ref)
+
+
+def check_segment_grouped(case: Case) -> None:
+    """Packed segments shared by three sites of two shapes, one launch per shape."""
+    shapes = ((24, 4), (24, 4), (4, 40))
+    pairs = [case.inputs(3, 21, n, m, seed=30 + i) for i, (n, m) in enumerate(shapes)]
+    got = _kernels().grouped_linear_sq_norms([x for x, _ in pairs], [d for _, d in pairs],
+                                             segments=_segments(case), max_length=21)
+    with _exact_fp32():
+        ref = torch.stack([_segment_reference(x, d).square().sum(dim=(1, 2)) for x, d in pairs])
+    compare("segment_grouped", got, ref)
+
+
+def check_segment_write_grads(case: Case) -> None:
+    """Packed segments, instantiate with write_grads: each sequence's gradient and norm."""
+    x, d = case.inputs(3, 21, 33, 6, seed=24)
+    norms, grads = _kernels().linear_sq_norms(x, d, method="instantiate", write_grads=True,
+                                              segments=_segments(case), max_length=21)
+    with _exact_fp32():
+        ref = _segment_reference(x, d)
+    if grads is None:
+        raise KernelMismatch("segment_write_grads: no gradients returned")
+    compare("segment_write_grads gradients", grads, ref)
+    compare("segment_write_grads norms", norms, ref.square().sum(dim=(1, 2)))
+
+
 # family name -> check. Others add their family here (one entry) and ask `usable(family, ...)` before launching.
+# The norm pass asks for 'segment_<form>' on packed batches, '<form>' on padded ones.
 CHECKS: dict[str, Callable[[Case], None]] = {
     "instantiate": check_instantiate,
     "gram": check_gram,
     "outer": check_outer,
     "grouped": check_grouped,
     "write_grads": check_write_grads,
+    "segment_instantiate": check_segment_instantiate,
+    "segment_gram": check_segment_gram,
+    "segment_grouped": check_segment_grouped,
+    "segment_write_grads": check_segment_write_grads,
 }
 
 _RESULTS: dict[tuple[str, str, str], Result] = {}

@@ -8,12 +8,18 @@ reference every Triton kernel in `fastsel.kernels` is tested against.
 - instantiate: build G_i (cost ~ B*T*m*n, memory B*m*n), cheap when m or n is small (LoRA factors);
 - gram: sum_{t,s} <delta_t, delta_s><x_t, x_s> (cost ~ B*T^2*(m+n), memory B*T^2), cheap for short T;
 - outer: T == 1, where ||delta x^T|| = ||delta|| * ||x|| is exact.
+
+On a packed batch (several sequences per row) example i is a segment of a row (`fastsel.engine.segments`): the
+`segment_*` functions form G_i from that segment's tokens only, choosing the form per segment by its own length, so
+no padding is ever multiplied and nothing of size (#segments x N) or R x N x N is built.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fastsel.engine.segments import Segments
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -75,3 +81,25 @@ def sq_norms(x: Tensor, delta: Tensor, method: str = "auto") -> Tensor:
     if method == "outer":
         return sq_norms_outer(x, delta)
     raise ValueError(f"unknown method {method!r}: expected 'auto', 'instantiate', 'gram' or 'outer'")
+
+
+def segment_grads(x: Tensor, delta: Tensor, segments: Segments) -> Tensor:
+    """G_i = sum over segment i's tokens of delta_t x_t^T, for x [R, N, n], delta [R, N, m]: [S, m, n] fp32."""
+    out = torch.empty((len(segments), delta.shape[-1], x.shape[-1]), dtype=torch.float32, device=x.device)
+    for i, (xs, ds) in enumerate(zip(segments.views(x), segments.views(delta), strict=True)):
+        torch.mm(_fp32(ds).T, _fp32(xs), out=out[i])
+    return out
+
+
+def segment_sq_norms(x: Tensor, delta: Tensor, segments: Segments) -> Tensor:
+    """||G_i||^2 of every segment by the cheapest exact form for its length (x [R, N, n], delta [R, N, m]): [S]."""
+    m, n = delta.shape[-1], x.shape[-1]
+    sq = []
+    for xs, ds in zip(segments.views(x), segments.views(delta), strict=True):
+        xs, ds = _fp32(xs), _fp32(ds)
+        if choose_method(xs.shape[0], m, n) == "gram":
+            sq.append((xs @ xs.T * (ds @ ds.T)).sum())
+        else:  # instantiate (a single token's outer product included)
+            g = torch.mm(ds.T, xs).flatten()
+            sq.append(torch.dot(g, g))
+    return torch.stack(sq)

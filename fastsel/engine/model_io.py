@@ -1,16 +1,25 @@
-"""How fastsel calls a Hugging Face causal LM: device and vocabulary lookup, batch preparation for the model, and
-a forward that returns logits."""
+"""How fastsel calls a Hugging Face causal LM: device and vocabulary lookup, batch preparation for the model, a
+forward that returns logits, the packing probe.
+
+Packed (padding-free) rows go to the model without an attention mask, with their restarting position_ids and
+use_cache=False: transformers then builds a block-diagonal causal mask (flash-attention varlen on GPU). That is
+checked, not trusted: the first packed forward of a model (per attention implementation) runs a short probe, two
+sequences packed in one row against each alone, and a model that lets tokens see the other sequence is refused.
+"""
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastsel.engine.batch import prepare_batch
+from fastsel.utils import eval_mode
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -51,22 +60,97 @@ def _accepts_position_ids(forward_type: type) -> bool:
 
 
 def _core_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (PEFT forwards **kwargs, which hides the signature)."""
+    """The transformers model under a DDP or PEFT wrapper (they forward **kwargs, which hides the signature)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
-def forward_kwargs(model: nn.Module, batch: dict[str, Tensor], *, mask: bool = True) -> dict[str, Tensor | bool]:
-    """Keyword arguments of the model call on a prepared batch: ids, the attention mask (unless `mask` is False),
-    position_ids when the model takes them, and use_cache=False for models with a KV cache."""
+def _is_packed(batch: dict[str, Any]) -> bool:
+    segments = batch.get("segments")
+    return bool(getattr(segments, "packed", False))
+
+
+def forward_kwargs(model: nn.Module, batch: dict[str, Any], *, mask: bool = True) -> dict[str, Tensor | bool]:
+    """Keyword arguments of the model call on a prepared batch: ids, the attention mask (unless `mask` is False or
+    the rows are packed), position_ids when the model takes them (a packed batch needs them), and use_cache=False
+    for models with a KV cache."""
     kwargs: dict[str, Tensor | bool] = {"input_ids": batch["input_ids"]}
-    if mask:
+    packed = _is_packed(batch)
+    if mask and not packed:
         kwargs["attention_mask"] = batch["attention_mask"]
     if "position_ids" in batch and _accepts_position_ids(type(_core_model(model))):
         kwargs["position_ids"] = batch["position_ids"]
+    elif packed:
+        raise ValueError(f"a packed (padding-free) batch needs a model whose forward takes position_ids; "
+                         f"{type(_core_model(model)).__name__} does not: use padded batches")
     if hasattr(getattr(_core_model(model), "config", None), "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
+
+
+# model -> {attention implementation: probe passed}; weak, so a model's entry goes with the model
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _attn_implementation(model: nn.Module) -> str:
+    config = getattr(_core_model(model), "config", None)
+    return str(getattr(config, "_attn_implementation", None))
+
+
+def _probe_logits(model: nn.Module, tokens: Tensor, lengths: list[int], packed: bool) -> Tensor:
+    positions = torch.cat([torch.arange(n, device=tokens.device) for n in lengths])[None]
+    batch: dict[str, Any] = {"input_ids": tokens[None], "position_ids": positions,
+                             "attention_mask": torch.ones_like(tokens)[None]}
+    kwargs = forward_kwargs(model, batch, mask=not packed)
+    return logits_of(model(**kwargs))[0].float()
+
+
+def packing_leak(model: nn.Module, tokens: Tensor) -> float:
+    """Largest |logit| change, relative to the logits' scale, that packing 2 sequences in one row causes to the
+    second's logits (0 for a model with block-diagonal attention). `tokens`: >= 4 token ids of the vocabulary."""
+    tokens = tokens.flatten()[:8]
+    if tokens.numel() < 4:
+        raise ValueError("the packing probe needs at least 4 tokens")
+    first, second = tokens.numel() // 2, tokens.numel() - tokens.numel() // 2
+    autocast_off = torch.autocast(device_type=tokens.device.type, enabled=False)  # the model's own precision
+    with torch.no_grad(), eval_mode(model), autocast_off:
+        together = _probe_logits(model, tokens, [first, second], packed=True)[first:]
+        alone = _probe_logits(model, tokens[first:], [second], packed=False)
+    return float((together - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+
+
+def _probe_tolerance(model: nn.Module) -> float:
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def check_packing(model: nn.Module, tokens: Tensor) -> None:
+    """Raise ValueError unless sequences packed in one row stay apart in `model` (probed once per model and
+    attention implementation, on the first `tokens`)."""
+    impl = _attn_implementation(model)
+    seen = _PROBED.setdefault(model, {})
+    if impl not in seen:
+        seen[impl] = packing_leak(model, tokens) <= _probe_tolerance(model)
+    if not seen[impl]:
+        raise ValueError(
+            f"{type(_core_model(model)).__name__} (attn_implementation={impl!r}) lets the tokens of a packed row "
+            "attend across sequence boundaries: its logits for a sequence packed after another differ from the "
+            "sequence alone. transformers builds the block-diagonal mask from restarting position_ids only when "
+            "attention_mask is None and no cache is used; this model or attention implementation does not. Use "
+            "padded batches (TrainConfig(packing=False), a padding collator) or eager/sdpa/flash attention")
+
+
+def supports_packing(model: nn.Module, tokens: Tensor) -> bool:
+    """Whether packed rows are exact for `model`: it takes position_ids and the probe finds no leak."""
+    if not _accepts_position_ids(type(_core_model(model))):
+        return False
+    try:
+        check_packing(model, tokens)
+    except ValueError:
+        return False
+    return True
 
 
 def logits_of(out: object) -> Tensor:
@@ -74,9 +158,13 @@ def logits_of(out: object) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
-def forward_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Logits [B, T, V] of `model` on a prepared batch; position_ids are passed when the model takes them."""
-    logits = logits_of(model(**forward_kwargs(model, batch)))
+def forward_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Logits [B, T, V] of `model` on a prepared batch; position_ids are passed when the model takes them. A packed
+    batch is first checked by the packing probe (once per model)."""
+    kwargs = forward_kwargs(model, batch)
+    if _is_packed(batch):
+        check_packing(model, batch["input_ids"])
+    logits = logits_of(model(**kwargs))
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise TypeError("the model must return logits of shape [B, T, V] (a causal LM)")
     return logits

@@ -4,9 +4,10 @@ Data flow: batch -> forward with capture hooks -> per-example losses L_i -> one 
 example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i.
 Backends: `torch` (batched PyTorch math, runs everywhere), `triton` (fused kernels in fastsel.kernels for the
 Linear sites), `naive` (one forward+backward per unpadded example: the oracle), `auto` (triton on CUDA, else torch).
-Each Triton kernel family runs only after its first-use self-test passed on that device and dtype
-(`fastsel.engine.kernel_selftest`): with 'auto' a failing family falls back to the torch math, with an explicit
-'triton' it raises.
+Padded and packed batches go the same way: the batch's `Segments` (fastsel.engine.segments) say which tokens form
+each example, and every per-example sum runs over those tokens only. Each Triton kernel family runs only after its
+first-use self-test passed on that device and dtype (`fastsel.engine.kernel_selftest`): with 'auto' a failing
+family falls back to the torch math, with an explicit 'triton' it raises.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from fastsel.engine.accumulate import (
     resolve_deferred,
 )
 from fastsel.engine.capture import Capture
-from fastsel.engine.losses import check_finite, per_example_losses
+from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.segments import Segments
 from fastsel.engine.sharded import ForwardLeaves
 from fastsel.engine.targets import Target, find_targets
 
@@ -39,11 +41,13 @@ BACKENDS = ("auto", "torch", "triton", "naive")
 class NormPass:
     """What one norm pass measured: per-example losses, per-parameter squared norms, optional per-example grads."""
 
-    losses: Tensor  # [B] fp32, detached
+    losses: Tensor  # [B] fp32, detached (B = examples: rows, or the sequences of a packed batch)
     sq_norms: dict[str, Tensor]  # parameter name -> [B] fp32
     backend: str
     per_example_grads: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, *shape] (keep_grads only)
-    grad_rows: Tensor | None = None  # keep_rows: the rows whose gradients per_example_grads holds, in its order
+    grad_rows: Tensor | None = None  # keep_rows: the examples whose gradients per_example_grads holds, in its order
+    token_stats: dict[str, Tensor] = field(default_factory=dict)  # losses.token_statistics (token_stats only)
+    tokens: Tensor | None = None  # [B] tokens of each example (its sequence length)
 
     @property
     def norms(self) -> Tensor:
@@ -62,61 +66,73 @@ def resolve_backend(backend: str, model: nn.Module) -> str:
     return "triton" if model_device(model).type == "cuda" and kernels.available() else "torch"
 
 
-def _valid_range(attention_mask: Tensor) -> Tensor:
-    """[B, 2] = [first, last + 1) attended position of each row: the Gram kernel skips blocks outside it."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    attended = attention_mask.bool()
-    start = torch.where(attended, positions, attention_mask.shape[1]).min(dim=1).values
-    end = torch.where(attended, positions + 1, 0).max(dim=1).values
-    return torch.stack([start, end], dim=1)
+def _torch_fns(segments: Segments) -> tuple[LinearSqNorms, LinearGrads]:
+    """The torch math's per-site squared-norm and per-example gradient functions for the batch's examples."""
+    if not segments.packed:
+        return linear_math.sq_norms, linear_math.per_example_grads
+    return (lambda x, d: linear_math.segment_sq_norms(x, d, segments),
+            lambda x, d: linear_math.segment_grads(x, d, segments))
 
 
-def _linear_fns(backend: str, attention_mask: Tensor, *, strict: bool = True,
+def _linear_fns(backend: str, segments: Segments, *, strict: bool = True,
                 ) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
     """The backend's per-site and grouped squared-norm functions (grouped only for triton) and its per-example
-    gradient function (the single-pass step keeps those).
+    gradient function (the single-pass step keeps those), bound to the batch's examples.
 
     Triton: each kernel family is used only once it passed its first-use self-test on the tensors' device and
     dtypes (`kernel_selftest.usable`); a family that failed falls back to the torch math (`strict` False, i.e.
-    backend 'auto') or raises KernelSelfTestError (`strict`, an explicit backend='triton').
+    backend 'auto') or raises KernelSelfTestError (`strict`, an explicit backend='triton'). Packed batches use the
+    segment families ('segment_instantiate', 'segment_gram', ...), whose self-test covers several segments per row.
     """
+    torch_sq, torch_grads = _torch_fns(segments)
     if backend != "triton":
-        return linear_math.sq_norms, None, linear_math.per_example_grads
+        return torch_sq, None, torch_grads
     from fastsel import kernels
 
     if not kernels.available():
         raise RuntimeError(
             "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); use backend='torch'"
         )
-    seq_len = attention_mask.shape[1]
-    valid = _valid_range(attention_mask)
+    seq_len = segments.width
+    ranges = segments.ranges
+    # the longest example bounds the Gram grid and decides the form (padded: the row width, known without a sync)
+    length = segments.max_length if segments.packed else None
 
-    def ranged(t: int) -> Tensor | None:  # the token ranges apply only to sites over the batch's sequence
-        return valid if t == seq_len else None
+    def ranged(t: int) -> Tensor | None:  # the segments apply only to sites over the batch's tokens
+        return ranges if t == seq_len else None
 
-    def usable(family: str, x: Tensor, delta: Tensor) -> bool:
-        return kernel_selftest.usable(family, x.device, x.dtype, delta.dtype, strict=strict)
+    def longest(t: int) -> int | None:
+        return length if t == seq_len else None
 
-    def method_of(x: Tensor, delta: Tensor) -> str:
-        return kernels.choose_method(x.shape[1], delta.shape[2], x.shape[2])
+    def family(name: str) -> str:  # packed rows: the segment variant, self-tested with several examples per row
+        return f"segment_{name}" if segments.packed else name
+
+    def usable(name: str, x: Tensor, delta: Tensor) -> bool:
+        return kernel_selftest.usable(family(name), x.device, x.dtype, delta.dtype, strict=strict)
+
+    def method_of(x: Tensor, delta: Tensor) -> str:  # the kernels' own choice (packed: by the longest example)
+        t = x.shape[1]
+        return kernels.choose_method(longest(t) or t, delta.shape[2], x.shape[2])
 
     def per_site(x: Tensor, delta: Tensor) -> Tensor:
+        t = x.shape[1]
         method = method_of(x, delta)
         if not usable(method, x, delta):
-            return linear_math.sq_norms(x, delta, method)
-        return kernels.linear_sq_norms(x, delta, method=method, valid_range=ranged(x.shape[1]))[0]
+            return torch_sq(x, delta) if segments.packed else linear_math.sq_norms(x, delta, method)
+        return kernels.linear_sq_norms(x, delta, method=method, segments=ranged(t), max_length=longest(t))[0]
 
     def grouped(xs: list[Tensor], deltas: list[Tensor]) -> Tensor:
         if len({x.shape[1] for x in xs}) != 1 or not all(
                 usable("grouped", x, d) and usable(method_of(x, d), x, d) for x, d in zip(xs, deltas, strict=True)):
             return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
-        return kernels.grouped_linear_sq_norms(xs, deltas, valid_range=ranged(xs[0].shape[1]))
+        t = xs[0].shape[1]
+        return kernels.grouped_linear_sq_norms(xs, deltas, segments=ranged(t), max_length=longest(t))
 
     def grads(x: Tensor, delta: Tensor) -> Tensor:
         if not usable("write_grads", x, delta):
-            return linear_math.per_example_grads(x, delta)
+            return torch_grads(x, delta)
         return kernels.linear_sq_norms(x, delta, method="instantiate", write_grads=True,
-                                       valid_range=ranged(x.shape[1]))[1]
+                                       segments=ranged(x.shape[1]))[1]
 
     return per_site, grouped, grads
 
@@ -149,19 +165,22 @@ RowPlan = Callable[[Tensor], "Tensor | None"]
 
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
                       backend: str = "torch", keep_grads: bool = False, keep_rows: RowPlan | None = None,
-                      strict: bool = True) -> NormPass:
+                      strict: bool = True, token_stats: bool = False) -> NormPass:
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
 
     `keep_grads` keeps every example's per-example gradients. `keep_rows` decides it after the forward, before the
-    backward: called with the detached per-example losses, it returns the ascending rows whose per-example
+    backward: called with the detached per-example losses, it returns the ascending examples whose per-example
     gradients to keep (the others get their squared norms only), or None to keep none; `NormPass.grad_rows` then
-    says which rows `per_example_grads` holds. The squared norms of all rows are the same either way.
-    `strict` (triton only): a kernel family failing its self-test raises instead of falling back to torch.
+    says which examples `per_example_grads` holds. The squared norms of all examples are the same either way. On a
+    padded batch the split is by row; on a packed one by sequence (two accumulators over the same rows, each
+    reducing its own sequences' tokens). `strict` (triton only): a kernel family failing its self-test raises
+    instead of falling back to torch. `token_stats`: also `losses.token_statistics` per example.
     """
     if keep_grads and keep_rows is not None:
         raise ValueError("pass keep_grads or keep_rows, not both")
     prepared = prepare_for(model, batch)
-    batch_size = prepared["input_ids"].shape[0]
+    segments: Segments = prepared["segments"]
+    batch_size = len(segments)
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -176,34 +195,42 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
 
     groups: list[tuple[list[ParamAccumulator], GroupedSqNorms | None]] = []
     split = False
+    stats: dict[str, Tensor] = {}
     with Capture(owned.keys(), sink) as capture, ForwardLeaves(model, targets) as recorded:
         logits = forward_logits(model, prepared)
-        losses = per_example_losses(logits, prepared["labels"])
+        losses = per_example_losses(logits, prepared["labels"], segments)
+        if token_stats:
+            stats = token_statistics(logits, prepared["labels"], segments)
         del logits
         capture.counting = False
         grad_rows = None if keep_rows is None else keep_rows(losses.detach())
         keep_all = keep_grads or (grad_rows is not None and grad_rows.numel() == batch_size)
         split = grad_rows is not None and 0 < grad_rows.numel() < batch_size
-        if split:  # per-example gradients for the kept rows only
+        if split:  # per-example gradients for the kept examples only
             grad_rows = grad_rows.to(losses.device)
             rest = torch.ones(batch_size, dtype=torch.bool, device=losses.device)
             rest[grad_rows] = False
             rest_rows = rest.nonzero().flatten()
-            mask = prepared["attention_mask"]
-            keep_fns = _linear_fns(backend, mask[grad_rows], strict=strict)
-            rest_fns = _linear_fns(backend, mask[rest_rows], strict=strict)
+            if segments.packed:  # by sequence: both halves see whole rows, each sums its own sequences' tokens
+                keep_seg, rest_seg = segments.subset(grad_rows), segments.subset(rest_rows)
+            else:  # by row: each half sees its own rows
+                mask = prepared["attention_mask"]
+                keep_seg, rest_seg = Segments.one_per_row(mask[grad_rows]), Segments.one_per_row(mask[rest_rows])
+            keep_fns = _linear_fns(backend, keep_seg, strict=strict)
+            rest_fns = _linear_fns(backend, rest_seg, strict=strict)
             for target in targets:
                 calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                kept_acc = _accumulator(target, grad_rows.numel(), calls, True, keep_fns)
-                rest_acc = _accumulator(target, rest_rows.numel(), calls, False, rest_fns)
-                accumulators[target.name] = RowSplit(grad_rows, rest_rows, kept_acc, rest_acc)
+                kept_acc = _accumulator(target, keep_seg, calls, True, keep_fns)
+                rest_acc = _accumulator(target, rest_seg, calls, False, rest_fns)
+                accumulators[target.name] = RowSplit(grad_rows, rest_rows, kept_acc, rest_acc,
+                                                     by_row=not segments.packed)
             groups = [([a.kept for a in accumulators.values()], keep_fns[1]),
                       ([a.others for a in accumulators.values()], rest_fns[1])]
         else:
-            fns = _linear_fns(backend, prepared["attention_mask"], strict=strict)
+            fns = _linear_fns(backend, segments, strict=strict)
             for target in targets:
                 calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                accumulators[target.name] = _accumulator(target, batch_size, calls, keep_all, fns)
+                accumulators[target.name] = _accumulator(target, segments, calls, keep_all, fns)
             groups = [(list(accumulators.values()), fns[1])]
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
@@ -230,30 +257,46 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
             kept[target.name] = grads if grads is not None else torch.zeros((n_kept, *target.shape),
                                                                             device=losses.device)
         sq_norms[target.name] = sq
-    return NormPass(losses.detach(), sq_norms, backend, kept, None if keep_all else grad_rows)
+    return NormPass(losses.detach(), sq_norms, backend, kept, None if keep_all else grad_rows, stats,
+                    _token_counts(segments))
 
 
-def _accumulator(target: Target, batch_size: int, calls: int, keep_grads: bool,
+def _accumulator(target: Target, segments: Segments, calls: int, keep_grads: bool,
                  fns: tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]) -> ParamAccumulator:
     linear_fn, grouped_fn, grads_fn = fns
-    return ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
+    return ParamAccumulator(target.shape, segments, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
                             linear_grads=grads_fn)
 
 
+def _token_counts(segments: Segments) -> Tensor:
+    return segments.sum(torch.ones((segments.num_rows, segments.width, 1), device=segments.device))[:, 0]
+
+
+def _examples_alone(prepared: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Every example of a prepared batch as a batch of its own: its tokens only (no padding, no other sequence)."""
+    segments: Segments = prepared["segments"]
+    singles = []
+    for i in range(len(segments)):
+        if segments.packed:
+            r, s, e = segments.spans[i]
+            ids, labels = prepared["input_ids"][r, s:e], prepared["labels"][r, s:e]
+        else:
+            keep = prepared["attention_mask"][i].bool()
+            ids, labels = prepared["input_ids"][i][keep], prepared["labels"][i][keep]
+        n = ids.shape[0]
+        singles.append({"input_ids": ids[None], "attention_mask": torch.ones(1, n, dtype=torch.long,
+                                                                             device=ids.device),
+                        "labels": labels[None], "position_ids": torch.arange(n, device=ids.device)[None]})
+    return singles
+
+
 def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target]) -> NormPass:
-    """The oracle: for each example alone (padding stripped), forward, backward, and the norm of its gradient."""
+    """The oracle: for each example alone (padding and other sequences stripped), forward, backward, and the norm
+    of its gradient."""
     prepared = prepare_for(model, batch)
     params = [t.param for t in targets]
     losses, rows = [], []
-    for i in range(prepared["input_ids"].shape[0]):
-        keep = prepared["attention_mask"][i].bool()
-        n = int(keep.sum())
-        single = {
-            "input_ids": prepared["input_ids"][i][keep][None],
-            "attention_mask": torch.ones(1, n, dtype=torch.long, device=keep.device),
-            "labels": prepared["labels"][i][keep][None],
-            "position_ids": torch.arange(n, device=keep.device)[None],
-        }
+    for single in _examples_alone(prepared):
         with ForwardLeaves(model, targets) as recorded:  # FSDP2: the unsharded leaves (engine.sharded)
             loss = per_example_losses(forward_logits(model, single), single["labels"])[0]
         grads = torch.autograd.grad(loss, recorded.leaves(params), allow_unused=True)
@@ -264,17 +307,19 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
     losses_t = torch.stack(losses)
     check_finite(losses_t, "loss")
     sq_norms = {t.name: torch.stack([row[j] for row in rows]) for j, t in enumerate(targets)}
-    return NormPass(losses_t, sq_norms, "naive")
+    return NormPass(losses_t, sq_norms, "naive", tokens=_token_counts(prepared["segments"]))
 
 
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
               backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None,
-              keep_rows: RowPlan | None = None) -> NormPass:
+              keep_rows: RowPlan | None = None, token_stats: bool = False) -> NormPass:
     """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
 
-    `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller already did it.
-    `keep_grads` / `keep_rows`: per-example gradients kept for every row / for the rows chosen after the forward
-    (`batched_norm_pass`).
+    `batch`: padded or packed (fastsel.engine.batch); on a packed batch every sequence is one example, in order of
+    appearance. `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller
+    already did it. `keep_grads` / `keep_rows`: per-example gradients kept for every example / for the examples
+    chosen after the forward (`batched_norm_pass`). `token_stats` also returns `losses.token_statistics`
+    (entropy, top-1 hits, supervised tokens per example; not with backend='naive').
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -282,12 +327,12 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
     backend = resolve_backend(backend, model)
     targets = find_targets(model, params) if targets is None else targets
     if backend == "naive":
-        if keep_grads or keep_rows is not None:
-            raise ValueError("keep_grads is not available with backend='naive'")
+        if keep_grads or keep_rows is not None or token_stats:
+            raise ValueError("keep_grads, keep_rows and token_stats are not available with backend='naive'")
         result = naive_norm_pass(batch, model, targets)
     else:
         result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads,
-                                   keep_rows=keep_rows, strict=strict)
+                                   keep_rows=keep_rows, strict=strict, token_stats=token_stats)
     check_finite(result.norms, "gradient norm")
     return result
 
@@ -296,7 +341,8 @@ def grad_norms(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "
                backend: str = "auto", per_layer: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Exact L2 norm of grad L_i over the selected parameters for every example i, from one batched pass.
 
-    Returns a float32 tensor [B]; with `per_layer=True` also {parameter name: [B] norms} whose squares sum to the
+    `batch`: padded ([B, T] with attention_mask) or packed (position_ids restarting per sequence: one example per
+    sequence, in order of appearance). Returns a float32 tensor [B]; with `per_layer=True` also {parameter name: [B] norms} whose squares sum to the
     total's square. The model is left exactly as found (no hooks, no .grad, same modes), also on error. In train
     mode with dropout the norms are exact for the dropout masks drawn in this pass.
     """

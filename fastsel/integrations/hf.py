@@ -29,22 +29,30 @@ the batch's ids, the kept and dropped ids and the selection's numbers; process 0
 
 Batches: the causal-LM convention of fastsel.engine.batch (`input_ids`, `labels`, `attention_mask`, the latter made all-ones
 when missing). Padding-free / packed batches (`DataCollatorWithFlattening`, TRL `padding_free=True` or BFD packing:
-`position_ids` restarting per sequence, or `seq_idx` / `cu_seq_lens_q`) are unpacked into one padded row per
-sequence, so every sequence is one example with its own loss and gradient norm (ids are kept when the collator
-received one feature per sequence, as DataCollatorWithFlattening does). fastsel runs the model's plain forward and
-takes its logits, so TRL's fused / chunked LM-head losses (`loss_type="nll"` with `fused_lm_head`, the deprecated
-`"chunked_nll"`) are bypassed and work; losses fastsel cannot reproduce (TRL `loss_type="dft"`, label smoothing, a
-`compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP1, Megatron-LM, XLA and `nn.DataParallel`
-(each with the reason). FSDP2 (accelerate `fsdp_version: 2`) is supported: fastsel's step writes the sharded
-`.grad` itself, one reduce-scatter per optimizer step (fastsel.training.fsdp); accelerate runs FSDP only on
-accelerators (not on CPU processes), so that path is tested through `fully_shard` directly (tests/training/test_fsdp.py).
+`position_ids` restarting per sequence, or `seq_idx` / `cu_seq_lens_q`) run natively: the model receives the
+packed rows as they are (no attention mask, the position_ids, use_cache=False: transformers' block-diagonal
+attention, checked once per model by fastsel's packing probe), and every sequence is one example with its own
+loss and gradient norm (ids are kept when the collator received one feature per sequence, as
+DataCollatorWithFlattening and TRL's padding-free collator do; BFD packing drops the id column). Sequences without
+a supervised token (TRL's `pad_to_multiple_of` padding) are taken out of the rows. fastsel runs the model's plain
+forward and takes its logits, so TRL's fused / chunked LM-head losses (`loss_type="nll"` with `fused_lm_head`, the
+deprecated `"chunked_nll"`) are bypassed and work; losses fastsel cannot reproduce (TRL `loss_type="dft"`, label
+smoothing, a `compute_loss_func`) are refused at construction, as are DeepSpeed, FSDP1, Megatron-LM, XLA and
+`nn.DataParallel` (each with the reason). FSDP2 (accelerate `fsdp_version: 2`) is supported: fastsel's step writes
+the sharded `.grad` itself, one reduce-scatter per optimizer step (fastsel.training.fsdp); accelerate runs FSDP only
+on accelerators (not on CPU processes), so that path is tested through `fully_shard` directly
+(tests/training/test_fsdp.py).
 
-Costs and limits: unpacked sequences are padded, so packing saves no compute inside fastsel's passes. Under DDP
-every micro-step still gathers the examples' losses and gradient norms (global selection needs them; B floats)
-and all-gathers the ids as Python objects; the gradients are all-reduced once per optimizer step. A user
-`compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors `accelerator.backward` but has only
-been exercised on CPU without fp16; with an IterableDataset and accelerate's `dispatch_batches`, a string id column
-may not survive batch dispatching.
+TRL metrics: with a TRL SFTTrainer, the metrics its own `compute_loss` logs (`num_tokens`, `mean_token_accuracy`,
+`entropy`) are logged in selection mode too, computed over the *kept* examples of each micro-batch (their tokens,
+their supervised positions): what the model was trained on. `num_tokens` counts the kept sequences' tokens
+(padding excluded), summed over ranks and steps.
+
+Costs and limits: under DDP every micro-step still gathers the examples' losses and gradient norms (global
+selection needs them; B floats) and all-gathers the ids as Python objects; the gradients are all-reduced once per
+optimizer step. A user `compute_loss` override is bypassed (warned). The fp16 GradScaler path mirrors
+`accelerator.backward` but has only been exercised on CPU without fp16; with an IterableDataset and accelerate's
+`dispatch_batches`, a string id column may not survive batch dispatching.
 """
 
 from __future__ import annotations
@@ -179,6 +187,11 @@ def _gather_ids(ids: list[Any] | None) -> list[Any] | None:
     return [i for p in parts for i in p]
 
 
+def _trl_metrics(trainer: Any) -> bool:
+    """Whether the trainer logs TRL SFTTrainer's token metrics (a `_metrics` store and a token counter)."""
+    return isinstance(getattr(trainer, "_metrics", None), Mapping) and hasattr(trainer, "_total_train_tokens")
+
+
 def _finite(x: float) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else float(x)
 
@@ -289,6 +302,7 @@ class SelectionTrainerMixin:
                 self.optimizer.train()
             inputs = self._prepare_inputs(inputs)
             batch, ids, info = to_fastsel_batch(inputs, ids)
+            trl_metrics = _trl_metrics(self)
             steps = int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps)
             scale = 1.0 / steps
@@ -304,7 +318,7 @@ class SelectionTrainerMixin:
                     selection = selective_backward(
                         batch, model, ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
                         single_pass=cfg.single_pass, seed=seed, scale=scale, backend=cfg.backend,
-                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync)
+                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync, token_stats=trl_metrics)
                 except TypeError as e:
                     if "must return logits" not in str(e):
                         raise
@@ -317,8 +331,22 @@ class SelectionTrainerMixin:
             if empty_every is not None and self.state.global_step % empty_every == 0 and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         kept_loss = float(selection.losses[selection.indices].mean()) if selection.num_selected else 0.0
+        if trl_metrics:
+            self._log_trl_metrics(selection)
         self._record(selection, _gather_ids(ids), info, micro, kept_loss)
         return torch.tensor(kept_loss / steps, device=self.args.device)
+
+    def _log_trl_metrics(self, selection: Selection) -> None:
+        """TRL SFTTrainer's token metrics over this micro-batch's kept examples, as its compute_loss logs them."""
+        stats, kept = selection.token_stats, selection.local_indices
+        local = torch.stack([stats[k][kept].sum() for k in ("entropy", "correct", "tokens", "length")])
+        entropy, correct, valid, tokens = self.accelerator.gather_for_metrics(
+            local.to(self.args.device)[None]).sum(dim=0).tolist()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append(entropy / valid if valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+        self._total_train_tokens += int(tokens) // getattr(self, "_tp_size", 1)
+        metrics["num_tokens"] = [self._total_train_tokens]
 
     def _record(self, selection: Selection, ids: list[Any] | None, info: dict[str, Any], micro: int,
                 kept_loss: float) -> None:

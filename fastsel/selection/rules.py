@@ -38,6 +38,7 @@ class Selection:
     local_indices: Tensor | None = None  # this rank's kept rows (selective_backward; = indices without DDP)
     single_pass: bool | None = None  # how selective_backward formed the gradient
     pass_reason: str = ""  # why selective_backward took that step (memory budget, options, strategy)
+    token_stats: dict[str, Tensor] | None = None  # selective_backward(token_stats=True): this rank's per-example sums
 
     @property
     def num_selected(self) -> int:

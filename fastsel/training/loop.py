@@ -3,7 +3,8 @@
     result = fastsel.training.loop(peft_model, rows, strategy="moderate", ratio=0.2, batch_size=32, out_dir="run")
 
 Each optimizer step takes `grad_accum` micro-batches of `batch_size` candidate rows (a seeded permutation per
-epoch, right-padded per batch). For each micro-batch `fastsel.selective_backward` measures every candidate's
+epoch), packed back to back into one padding-free row (`packing`, on by default where the model keeps packed
+sequences apart: the packing probe of fastsel.engine.model_io decides) or right-padded. For each micro-batch `fastsel.selective_backward` measures every candidate's
 loss and exact gradient norm, keeps `ratio` of them (Algorithm 1) and adds `1/n_micro` times the gradient of
 the kept examples' mean loss to `.grad`; strategy `full` goes through the same call, so every strategy
 optimizes the same loss definition (mean per-example loss). With `kl_coef` or `ewc_coef` > 0 the selection
@@ -35,9 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.batch import REQUIRED_KEYS, collate
+from fastsel.engine.batch import collate, pack, prepare_batch, take_examples
 from fastsel.engine.losses import check_finite, per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device, prepare_for, vocab_size
+from fastsel.engine.model_io import (
+    check_packing,
+    forward_logits,
+    model_device,
+    prepare_for,
+    supports_packing,
+    vocab_size,
+)
 from fastsel.engine.sharded import is_sharded
 from fastsel.selection.rules import Selection, select, select_indices
 from fastsel.training import checkpoint as ckpt
@@ -86,6 +94,8 @@ class TrainConfig:
     pad_token_id: int | None = None  # None: model.config.pad_token_id, else eos_token_id, else 0
     progress: bool = True  # tqdm bar with loss, kept fraction, median gradient norm
     max_steps: int | None = None  # if set, train exactly this many steps (cycling epochs; `epochs` ignored)
+    packing: bool | str = "auto"  # pack each micro-batch padding-free: True | False | "auto" (where the model can)
+    max_packed_tokens: int | None = None  # packed rows of at most this many tokens (None: one row per micro-batch)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able view (the EWC tensors are replaced by a marker)."""
@@ -108,6 +118,7 @@ class TrainResult:
     adapter_path: Path | None
     checkpoint_path: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per step (= log.jsonl lines)
+    packed: bool = False  # whether the micro-batches were packed (padding-free rows)
 
 
 # ----------------------------------------------------------------------------------------------- input checks
@@ -121,6 +132,9 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
     for name in ("save_every", "warmup_steps", "seed"):
         check_number(name, getattr(cfg, name), low=0, inclusive=True, integer=True)
     check_number("max_steps", cfg.max_steps, low=1, inclusive=True, integer=True, optional=True)
+    check_number("max_packed_tokens", cfg.max_packed_tokens, low=1, inclusive=True, integer=True, optional=True)
+    if not (cfg.packing is True or cfg.packing is False or cfg.packing == "auto"):
+        raise ValueError(f"packing must be True, False or 'auto', got {cfg.packing!r}")
     check_number("lr", cfg.lr, low=0, inclusive=False)
     check_number("max_grad_norm", cfg.max_grad_norm, low=0, inclusive=False, optional=True)
     for name in ("weight_decay", "kl_coef", "ewc_coef"):
@@ -199,7 +213,7 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
         return select(batch, model, backend=cfg.backend, **options)
     with torch.no_grad():
         prepared = prepare_for(model, batch)
-        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"], prepared["segments"])
     check_finite(losses, "loss")  # as the norm strategies do: no NaN reaches .grad
     selection = select_indices(losses, torch.zeros_like(losses), **options)
     selection.local_indices = selection.indices
@@ -208,17 +222,35 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
 
 def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, rows: Tensor,
                           scale: float) -> None:
-    """Forward+backward of the kept rows: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty)."""
-    sub = {k: batch[k][rows] for k in REQUIRED_KEYS}
-    width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: trim columns no kept row uses
-    prepared = prepare_for(model, {k: v[:, :width] for k, v in sub.items()})
+    """Forward+backward of the kept examples: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty)."""
+    sub = take_examples(prepare_batch(batch), rows)
+    if "attention_mask" in sub:  # padded rows, right padding: trim columns no kept row uses
+        width = int(sub["attention_mask"].sum(dim=1).max())
+        sub = {k: v[:, :width] for k, v in sub.items()}
+    prepared = prepare_for(model, sub)
     logits = forward_logits(model, prepared)
-    loss = per_example_losses(logits, prepared["labels"]).mean()
+    loss = per_example_losses(logits, prepared["labels"], prepared["segments"]).mean()
     if cfg.kl_coef > 0:
         loss = loss + cfg.kl_coef * kl_to_reference_loss(model, prepared, logits=logits)
     if cfg.ewc_coef > 0:
         loss = loss + cfg.ewc_coef * ewc_penalty(model, cfg.ewc_fisher, cfg.ewc_anchor)
     (loss * scale).backward()
+
+
+def use_packing(cfg: TrainConfig, model: nn.Module, dataset: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether `train` packs its micro-batches: `packing` True (the probe must pass: else its error), False, or
+    'auto' (when the model takes position_ids and the packing probe, on the first rows' tokens, finds the packed
+    sequences' logits equal to their separate forwards)."""
+    if cfg.packing is False:
+        return False
+    tokens: list[int] = []
+    for i in range(min(len(dataset), 8)):
+        tokens += [int(t) for t in dataset[i]["input_ids"]][:8]
+    probe = torch.tensor(tokens[:8], dtype=torch.long, device=model_device(model))
+    if cfg.packing == "auto":
+        return len(tokens) >= 4 and supports_packing(model, probe)
+    check_packing(model, probe)
+    return True
 
 
 def _micro_seed(seed: int, micro_index: int) -> int:
@@ -344,6 +376,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     check_config(cfg, model)
     row_ids = check_dataset(dataset, vocab_size(model))
     pad_id = _pad_token_id(cfg, model)
+    packed = use_packing(cfg, model, dataset)
+    logger.info("micro-batches %s", "packed (padding-free rows)" if packed else "padded")
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None
     log_path = out_dir / "log.jsonl" if out_dir else None
@@ -431,7 +465,9 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
             kept_ids, dropped_ids, kept_losses, all_losses, norms, passes = [], [], [], [], [], []
             for m in range(n_micro):
                 epoch, rows = order.next()
-                batch = collate([dataset[i] for i in rows], pad_id)
+                features = [dataset[i] for i in rows]
+                batch = pack(features, pad_id, max_tokens=cfg.max_packed_tokens) if packed else \
+                    collate(features, pad_id)
                 seed = _micro_seed(cfg.seed, micro_start + m)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
@@ -506,4 +542,4 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
 
     final = next((r["loss_kept"] for r in reversed(history) if not r["skipped"]), None)
     return TrainResult(steps=step, final_loss=final, log_path=log_path, adapter_path=adapter_path,
-                       checkpoint_path=checkpoint_path, history=history)
+                       checkpoint_path=checkpoint_path, history=history, packed=packed)

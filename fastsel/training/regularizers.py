@@ -57,7 +57,8 @@ def kl_per_example(model: nn.Module, batch: Mapping[str, Tensor], *, logits: Ten
         else:
             with _reference_context(model):
                 ref_logits = forward_logits(model, prepared)
-    return per_example_kl(ref_logits[:, :-1], logits[:, :-1], supervised_positions(prepared["labels"])[:, :-1])
+    return per_example_kl(ref_logits[:, :-1], logits[:, :-1], supervised_positions(prepared["labels"])[:, :-1],
+                          prepared["segments"])
 
 
 def kl_to_reference_loss(model: nn.Module, batch: Mapping[str, Tensor], *, logits: Tensor | None = None,
@@ -131,7 +132,7 @@ def diagonal_fisher(model: nn.Module, data: Sequence[Mapping[str, Any]] | Iterab
             for name, g in grads.items():
                 sq = g.float().square().sum(dim=0)
                 sums[name] = sq if name not in sums else sums[name] + sq
-            count += int(batch["input_ids"].shape[0])
+            count += int(measured.losses.numel())  # examples: rows, or sequences of packed rows
     if count == 0:
         raise ValueError("diagonal_fisher got no examples")
     return {name: s / count for name, s in sums.items()}

@@ -46,8 +46,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsel.engine.batch import check_batch
-from fastsel.engine.losses import check_finite, per_example_losses
+from fastsel.engine.batch import check_batch, take_examples
+from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass
 from fastsel.engine.sharded import ForwardLeaves, is_sharded
@@ -190,23 +190,20 @@ def _local_model(model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContex
     return model, contextlib.nullcontext()
 
 
-def _rows(batch: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    return {k: batch[k][rows.to(batch[k].device)] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _subset_grads(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
-                  rows: Tensor) -> list[Tensor | None]:
-    """Summed gradient of the per-example losses of `rows` (forward+backward of those rows only).
+def _subset_grads(prepared: Mapping[str, Any], model: nn.Module, targets: list[Target],
+                  examples: Tensor) -> list[Tensor | None]:
+    """Summed gradient of the per-example losses of `examples` (forward+backward of those examples only: their
+    rows of a padded batch, or their sequences packed into one row).
 
     Under FSDP2 every rank must run the same forward and backward (their all-gathers): a rank holding no selected
-    row runs its first row with weight 0, which adds exactly nothing.
+    example runs its first example with weight 0, which adds exactly nothing.
     """
     weight = 1.0
-    if rows.numel() == 0:
-        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
-    prepared = prepare_for(model, _rows(batch, rows))
+    if examples.numel() == 0:
+        examples, weight = torch.zeros(1, dtype=torch.long), 0.0
+    subset = prepare_for(model, take_examples(prepared, examples))
     with ForwardLeaves(model, targets) as recorded:
-        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+        losses = per_example_losses(forward_logits(model, subset), subset["labels"], subset["segments"])
     return backward_keeping_grads(losses.sum() * weight, model, [t.param for t in targets], recorded)
 
 
@@ -246,16 +243,21 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
                        strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
-                       memory_budget_bytes: int | None = None, sync: bool = True) -> Selection:
+                       memory_budget_bytes: int | None = None, sync: bool = True,
+                       token_stats: bool = False) -> Selection:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
-    `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
-    under DDP / FSDP2; `local_indices` are this rank's rows; `single_pass` and `pass_reason`: which step ran and
-    why). Strategies 'full' and 'random' need no norms: one forward and one backward of the kept rows' losses.
+    `batch`: padded or packed (one example per sequence; the two-pass step packs the selected sequences into one
+    row). `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
+    under DDP / FSDP2; `local_indices` are this rank's examples; `single_pass` and `pass_reason`: which step ran
+    and why). Strategies 'full' and 'random' need no norms: one forward and one backward of the kept examples'
+    losses. `token_stats` puts this rank's per-example token statistics (`fastsel.engine.losses.token_statistics`,
+    and `length`: sequence lengths) on `Selection.token_stats`.
 
-    `single_pass`: 'auto' takes the single pass when the per-example gradients of the rows inside the loss band
+    `single_pass`: 'auto' takes the single pass when the per-example gradients of the examples inside the loss band
     fit `memory_budget_bytes` (None: adaptive, fastsel.training.memory), else the two-pass step (warned once);
-    True raises instead of falling back; False always runs two passes.
+    True raises instead of falling back; False always runs two passes. On a packed batch the examples are the
+    sequences: the kept per-example gradients are those of the candidate sequences, wherever they lie in the rows.
 
     `sync` (matters under torch.distributed only): True (default) ends the call by averaging the trainable
     parameters' `.grad` over ranks, so every rank holds the same gradient. False communicates no gradient: this
@@ -282,18 +284,23 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     sharded = is_sharded(model)
     if sharded:
         fsdp.check_sharded_targets(targets)
+    prepared = prepare_for(model, batch)
     needs_norms = strategy in ("moderate", "low", "high")
     plan = PassPlan(single_pass, strategy, loss_band, memory_budget_bytes, row_bytes(targets), model_device(model))
 
     with no_sync:
+        stats: dict[str, Tensor] = {}
         if needs_norms:
-            measured = norm_pass(batch, model, backend=backend, targets=targets,
-                                 keep_rows=plan.keep_rows if plan.may_single else None)
-            losses, norms = measured.losses, measured.norms
+            measured = norm_pass(prepared, model, backend=backend, targets=targets,
+                                 keep_rows=plan.keep_rows if plan.may_single else None, token_stats=token_stats)
+            losses, norms, stats = measured.losses, measured.norms, measured.token_stats
         else:
-            prepared = prepare_for(model, batch)
             with ForwardLeaves(model, targets) as recorded:
-                live_losses = per_example_losses(forward_logits(model, prepared), prepared["labels"])
+                logits = forward_logits(model, prepared)
+                live_losses = per_example_losses(logits, prepared["labels"], prepared["segments"])
+                if token_stats:
+                    stats = token_statistics(logits, prepared["labels"], prepared["segments"])
+                del logits
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
         if not plan.may_single:
             plan.settle_without_norm_pass()
@@ -307,6 +314,9 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
         local = local - offset
         selection.local_indices = local
         selection.single_pass, selection.pass_reason = plan.single, plan.reason
+        if token_stats:
+            lengths = torch.tensor(prepared["segments"].lengths, dtype=torch.float32)
+            selection.token_stats = {**{k: v.detach().cpu() for k, v in stats.items()}, "length": lengths}
         kept = selection.num_selected
         if kept == 0:  # nothing to add; a sync=True call still averages what earlier sync=False calls deferred
             summed = [None] * len(targets)
@@ -317,7 +327,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
             rows = _kept_positions(measured.grad_rows, local.to(measured.losses.device))
             summed = [measured.per_example_grads[t.name][rows].sum(dim=0) for t in targets]
         elif local.numel() or sharded:  # FSDP2: every rank takes part in the second pass
-            summed = _subset_grads(batch, model, targets, local)
+            summed = _subset_grads(prepared, model, targets, local)
         else:
             summed = [None] * len(targets)
     if sharded:

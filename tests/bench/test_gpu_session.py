@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STEPS = ["setup", "selftest", "tests", "headline-fp32", "headline-bf16", "7b-layers", "kernels"]
+STEPS = ["setup", "selftest", "tests", "headline-fp32", "headline-bf16", "7b-layers", "packed", "kernels"]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash + coreutils timeout")
 
@@ -45,6 +45,9 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path: Path) -> None:
     (bf16,) = (tmp_path / "headline-bf16").glob("*.json")
     assert {c["dtype"] for c in json.loads(bf16.read_text())["cases"]} == {"bfloat16"}
     assert list((tmp_path / "7b-layers").glob("*.json")) and list((tmp_path / "kernels").glob("*.json"))
+    (packed,) = (tmp_path / "packed").glob("*.json")
+    (case,) = json.loads(packed.read_text())["cases"]
+    assert case["data"] == "instruct" and case["methods"]["plain_packed"] and case["methods"]["fastsel_torch_packed"]
 
 
 def test_the_deadline_caps_the_steps_and_skips_what_does_not_fit(tmp_path: Path) -> None:

@@ -41,8 +41,21 @@ def test_tiny_quick_suite_schema_and_markdown(tmp_path) -> None:
             assert entry["median_s"] > 0 and entry["q1_s"] <= entry["median_s"] <= entry["q3_s"], name
             if name != "plain":
                 assert entry["max_rel_diff_vs_others"] <= case["tolerance"]
+    # the synthetic model takes no position_ids: no packed methods; the headline (instruct data) runs both layouts
+    assert case["methods"]["plain_packed"] is None and case["skipped"]["plain_packed"] == bench.NO_PACKING
+    head = next(c for c in data["cases"] if c["headline"])
+    assert head["data"] == "instruct" and head["packed_shape"] == [1, sum(head["lengths"])]
+    assert len(set(head["lengths"])) > 1  # natural, uneven lengths
+    for name in ("plain", "plain_packed", "fastsel_torch", "fastsel_torch_packed", "naive"):
+        assert head["methods"][name] is not None, name
+    assert head["methods"]["fastsel_torch_packed"]["max_rel_diff_vs_others"] <= head["tolerance"]
+    assert data["ratios"]["fastsel_method"] == "fastsel_torch_packed"
+    for key in ("packed_norm_pass_over_plain_packed", "packed_norm_pass_over_plain", "plain_packed_over_plain"):
+        assert data["ratios"][key] > 0, key
+    assert data["training"]["packed"] is True
     table = bench.markdown_table(path)
     assert "norm_pass_over_plain" in table and "| case |" in table and case["label"] in table
+    assert "packed_norm_pass_over_plain_packed" in table and "fastsel packed" in table
 
 
 def test_disagreement_fails_naming_the_method(monkeypatch) -> None:
@@ -140,15 +153,22 @@ def test_plan_filters_by_batch_and_length() -> None:
     assert any(c.headline for c in plan.cases) and any(c.gradient_checkpointing for c in plan.cases)
 
 
-def test_plan_filters_by_dtype_checkpointing_and_methods() -> None:
-    """The GPU session's headline: SmolLM2 B=32 T=512 in one dtype, no checkpointing, four methods."""
+def test_plan_filters_by_dtype_checkpointing_data_and_methods() -> None:
+    """The GPU session's headline: SmolLM2 B=32 T=512 random tokens in one dtype, no checkpointing, four methods;
+    its packed step: the instruct case with packed methods (plain_packed then runs as their floor)."""
     plan = bench.build_plan("gpu", "cuda", models=("smollm2",), batches=(32,), seqs=(512,), dtypes=("bfloat16",),
-                            checkpointing=False, methods=("naive", "fastsel_triton"))
+                            checkpointing=False, methods=("naive", "fastsel_triton"), data=("random",))
     assert [c.label for c in plan.cases] == ["smollm2 B=32 T=512 r=16 bfloat16"]
     assert plan.training is None  # the training case is fp32
-    assert plan.methods == ("plain", "naive", "fastsel_triton")
+    assert plan.methods == ("plain", "fastsel_triton", "naive")  # in METHODS order
+    packed = bench.build_plan("gpu", "cuda", models=("smollm2",), batches=(32,), seqs=(512,), dtypes=("float32",),
+                              checkpointing=False, methods=("fastsel_triton", "fastsel_triton_packed"),
+                              data=("instruct",))
+    assert [c.label for c in packed.cases] == ["smollm2 instruct B=32 T<=512 r=16 float32"]
+    assert packed.methods == ("plain", "plain_packed", "fastsel_triton", "fastsel_triton_packed")
     fp32 = bench.build_plan("gpu", "cuda", models=("smollm2",), batches=(32,), seqs=(512,), dtypes=("float32",))
     assert {c.dtype for c in fp32.cases} == {"float32"} and any(c.gradient_checkpointing for c in fp32.cases)
+    assert {c.data for c in fp32.cases} == {"random", "instruct"}
     assert fp32.training is not None and fp32.methods == bench.METHODS
     with pytest.raises(ValueError, match="unknown method"):
         bench.build_plan("gpu", "cuda", methods=("fastest",))
@@ -164,3 +184,13 @@ def test_unselected_methods_are_null_with_the_reason(tmp_path) -> None:
     assert case["methods"]["plain"] and case["methods"]["naive"] and case["methods"]["fastsel_torch"] is None
     assert case["skipped"]["fastsel_torch"] == "not selected (--methods)"
     assert main(["bench", "--quick", "--tiny", "--training-steps", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_target_verdicts() -> None:
+    """met / missed, and a target meant for long sequences is not judged on a run that has none."""
+    assert bench._target_cells("k", 1.02, {"op": "<=", "value": 1.05}, 178) == ("<= 1.05", "met")
+    assert bench._target_cells("k", 1.2, {"op": ">=", "value": 1.4}, 178) == (">= 1.4", "missed")
+    tgt, verdict = bench._target_cells("k", 1.2, {"op": ">=", "value": 1.4, "min_seq": 256}, 178)
+    assert tgt == ">= 1.4 at T >= 256" and verdict == "not applicable (longest example: 178 tokens)"
+    assert bench._target_cells("k", 1.5, {"op": ">=", "value": 1.4, "min_seq": 256}, 300)[1] == "met"
+    assert bench._target_cells("k", None, None, None) == ("", "")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import VOCAB, lora, make_batch, tiny_model
+from tiny import VOCAB, lora, make_batch, make_packed, tiny_model
 
 import fastsel
-from fastsel.engine.batch import IGNORE_INDEX, prepare_batch
+from fastsel.engine.batch import IGNORE_INDEX, check_batch, prepare_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,3 +86,28 @@ def test_a_list_instead_of_a_tensor_is_a_type_error(entry: str) -> None:
         ENTRY_POINTS[entry](batch, model)
     with pytest.raises(TypeError, match="batch must be a dict"):
         ENTRY_POINTS[entry]([batch], model)
+
+
+def test_packed_labels_at_sequence_starts_and_trailing_padding_are_never_targets() -> None:
+    """A packed row [5 6 7 | 8 9 | pad pad]: every label supervised by the caller; the label at each sequence's
+    first token (predicted from the previous sequence) and the padding's labels are masked."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0, 0]]), "labels": torch.tensor([[5, 6, 7, 8, 9, 1, 1]]),
+             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0]])}
+    prepared = prepare_batch(batch)
+    assert prepared["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100]]
+    assert prepared["segments"].spans == [(0, 0, 3), (0, 3, 5)]
+    assert set(check_batch(batch)) == {"input_ids", "labels", "position_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("entry", ["grad_norms", "selective_backward"])
+@pytest.mark.parametrize("key", ["input_ids", "labels"])
+def test_packed_ids_outside_the_vocabulary_name_the_sequence(entry: str, key: str) -> None:
+    model = lora(tiny_model(), r=2)
+    batch = make_packed([[5, 4], [6]])
+    batch[key][0, 7] = VOCAB
+    what = "token id" if key == "input_ids" else "label"
+    with pytest.raises(ValueError, match=rf"{what} {VOCAB} in sequence 1 \(row 0, tokens 5-8\) at row 0, position 7 "
+                                         rf"is outside .*\[0, {VOCAB}\)"):
+        ENTRY_POINTS[entry](batch, model)
+    assert all(p.grad is None for p in model.parameters())

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import lora, make_batch, tiny_model
+from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
 from fastsel.engine import kernel_selftest as S
@@ -42,23 +42,29 @@ def auto_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _break(monkeypatch: pytest.MonkeyPatch, family: str, how: str) -> None:
-    """Make `family`'s kernels give a 1% wrong answer or raise, as a miscompiled kernel would."""
+    """Make `family`'s kernels give a 1% wrong answer or raise, as a miscompiled kernel would. A 'segment_*'
+    family is hit by packed calls (more segments than rows), a plain one by calls with one example per row."""
     real_single, real_grouped = kernels.linear_sq_norms, kernels.grouped_linear_sq_norms
 
-    def single(x, delta, *, method="auto", write_grads=False, valid_range=None):
-        norms_, grads = real_single(x, delta, method=method, write_grads=write_grads, valid_range=valid_range)
-        hit = (family == "write_grads" and write_grads) or (family == method and not write_grads)
+    def form(x, segments, name: str) -> str:  # noqa: ANN001
+        packed = segments is not None and segments.shape[0] != x.shape[0]
+        return f"segment_{name}" if packed else name
+
+    def single(x, delta, *, method="auto", write_grads=False, segments=None, **kw):  # noqa: ANN001, ANN003
+        norms_, grads = real_single(x, delta, method=method, write_grads=write_grads, segments=segments, **kw)
+        hit = form(x, segments, "write_grads" if write_grads else method) == family
         if hit and how == "raise":
             raise RuntimeError(f"simulated launch failure of {family}")
         if hit:
             return (norms_, grads * 1.01) if write_grads else (norms_ * 1.01, grads)
         return norms_, grads
 
-    def grouped(xs, deltas, *, method="auto", valid_range=None):
-        out = real_grouped(xs, deltas, method=method, valid_range=valid_range)
-        if family == "grouped" and how == "raise":
-            raise RuntimeError("simulated launch failure of grouped")
-        return out * 1.01 if family == "grouped" else out
+    def grouped(xs, deltas, *, segments=None, **kw):  # noqa: ANN001, ANN003
+        out = real_grouped(xs, deltas, segments=segments, **kw)
+        hit = form(xs[0], segments, "grouped") == family
+        if hit and how == "raise":
+            raise RuntimeError(f"simulated launch failure of {family}")
+        return out * 1.01 if hit else out
 
     monkeypatch.setattr(kernels, "linear_sq_norms", single)
     monkeypatch.setattr(kernels, "grouped_linear_sq_norms", grouped)
@@ -89,13 +95,15 @@ def test_each_check_catches_a_broken_kernel(family: str, how: str, first_use, mo
     assert all(S.run(f, S.Case(DEV, torch.float32, torch.float32)).ok for f in others)
 
 
-@pytest.mark.parametrize("family,how", [("gram", "raise"), ("instantiate", "wrong")])
+@pytest.mark.parametrize("family,how", [("gram", "raise"), ("instantiate", "wrong"),
+                                         ("segment_instantiate", "wrong")])
 def test_auto_falls_back_to_torch_with_one_warning(family: str, how: str, first_use, auto_is_triton,
                                                    monkeypatch) -> None:
     """The failing family's sites get the torch math, the others keep the kernels; exact norms either way."""
     _break(monkeypatch, family, how)
     model = _full_finetune(tiny_model()) if family == "gram" else lora(tiny_model(), r=4)
-    batch = make_batch([7, 5, 6], side="left")
+    packed = family.startswith("segment_")
+    batch = make_packed([[5, 4], [6]]) if packed else make_batch([7, 5, 6], side="left")
     if DEV.type == "cuda":
         model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
     expected = fastsel.grad_norms(batch, model, backend="torch")

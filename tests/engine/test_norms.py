@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import lora, make_batch, tiny_model
+from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
 from fastsel.engine.norms import norm_pass
@@ -257,9 +257,12 @@ def test_no_host_sync_in_backward_or_norm_kernels(monkeypatch: pytest.MonkeyPatc
         return run
 
     model = lora(tiny_model(), r=4).cuda()
-    batch = {k: v.cuda() for k, v in make_batch([7, 12, 5], side="left").items()}
-    expected = fastsel.grad_norms(batch, model, backend="triton")  # first call compiles the kernels
-    monkeypatch.setattr(norms, "backward_keeping_grads", strict(norms.backward_keeping_grads))
-    monkeypatch.setattr(norms, "resolve_deferred", strict(norms.resolve_deferred))
-    got = fastsel.grad_norms(batch, model, backend="triton")
-    torch.testing.assert_close(got, expected)
+    padded = {k: v.cuda() for k, v in make_batch([7, 12, 5], side="left").items()}
+    packed = {k: v.cuda() for k, v in make_packed([[7, 12], [5, 9]]).items()}  # (row, start, end) segments
+    for batch in (padded, packed):
+        expected = fastsel.grad_norms(batch, model, backend="triton")  # first call compiles the kernels
+        with monkeypatch.context() as patch:
+            patch.setattr(norms, "backward_keeping_grads", strict(norms.backward_keeping_grads))
+            patch.setattr(norms, "resolve_deferred", strict(norms.resolve_deferred))
+            got = fastsel.grad_norms(batch, model, backend="triton")
+        torch.testing.assert_close(got, expected)

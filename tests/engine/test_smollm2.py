@@ -50,3 +50,24 @@ def test_smollm2_config_is_the_embedded_architecture(smollm2) -> None:
     expected = {n.replace(".base_layer", ""): tuple(p.shape) for n, p in embedded.named_parameters()
                 if "lora_" not in n}
     assert got == expected
+
+
+def test_packed_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
+    """The same ten samples packed padding-free (rows of at most 512 tokens): per-sequence norms == the naive
+    one-sample-at-a-time oracle, and the packing probe passes for SmolLM2 (Llama, sdpa)."""
+    from fastsel.engine.batch import pack
+    from fastsel.engine.model_io import supports_packing
+    from fastsel.experiments.demo import demo_batch
+
+    model, tokenizer = smollm2
+    batch, _ = demo_batch(tokenizer, 10, 128)
+    keep = batch["attention_mask"].bool()
+    features = [{"input_ids": batch["input_ids"][i][keep[i]].tolist(), "labels": batch["labels"][i][keep[i]].tolist()}
+                for i in range(10)]
+    packed = pack(features, 0, max_tokens=512)
+    assert packed["input_ids"].shape[0] >= 2 and packed["input_ids"].numel() < batch["input_ids"].numel()
+    assert supports_packing(model, packed["input_ids"])
+    got = fastsel.grad_norms(packed, model, backend="torch")
+    expected = fastsel.grad_norms(packed, model, backend="naive")
+    assert got.shape == (10,)
+    assert float(((got - expected).abs() / expected).max()) <= 1e-4

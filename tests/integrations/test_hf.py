@@ -262,19 +262,28 @@ def _packed_row(lengths: list[int], pad: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_packed_row_conversions() -> None:
+    """Packed rows stay packed (no re-padding); TRL's padding sequences (position 0, no label) are taken out;
+    boundaries from cu_seq_lens_q or seq_idx alone give the same batch; norms equal the padded batch's."""
     lengths = [5, 7, 4]
-    padded = make_batch(lengths)
     row = _packed_row(lengths, pad=3)
     converted, ids, info = to_fastsel_batch(row, ["a", "b", "c"])
     assert info["packed"] and info["unsupervised_segments"] == 3 and ids == ["a", "b", "c"]
-    for key in KEYS:
-        assert torch.equal(converted[key], padded[key]), key
-    # boundaries from cu_seq_lens_q or seq_idx alone
+    assert sorted(converted) == ["input_ids", "labels", "position_ids"]
+    for key in converted:
+        assert torch.equal(converted[key], row[key][:, :16]), key
     flat = {k: v[:, :16] for k, v in row.items() if k != "position_ids"}
     cu = to_fastsel_batch({**flat, "cu_seq_lens_q": torch.tensor([0, 5, 12, 16], dtype=torch.int32)})[0]
     seq = to_fastsel_batch({**flat, "seq_idx": torch.tensor([[0] * 5 + [1] * 7 + [2] * 4])})[0]
-    for key in KEYS:
-        assert torch.equal(cu[key], padded[key]) and torch.equal(seq[key], padded[key]), key
+    for key in converted:
+        assert torch.equal(cu[key], converted[key]) and torch.equal(seq[key], converted[key]), key
+    model = new_model()
+    assert rel(fastsel.grad_norms(converted, model), fastsel.grad_norms(make_batch(lengths), model)) <= 1e-5
+    # a sequence without a supervised token inside the row: taken out, its id dropped
+    middle = {k: v.clone() for k, v in row.items()}
+    middle["labels"][0, 5:12] = -100
+    converted, ids, info = to_fastsel_batch(middle, ["a", "b", "c"])
+    assert ids == ["a", "c"] and info["unsupervised_segments"] == 4 and converted["input_ids"].shape == (1, 9)
+    assert torch.equal(converted["input_ids"][0], torch.cat([row["input_ids"][0, :5], row["input_ids"][0, 12:16]]))
     # ids that do not match the sequences (rows packed before collation) are dropped with a note
     _, ids, info = to_fastsel_batch(row, ["only-one"])
     assert ids is None and "ids" in info["note"]
@@ -282,11 +291,13 @@ def test_packed_row_conversions() -> None:
 
 def test_packed_batch_errors() -> None:
     row = _packed_row([5, 7])
-    with pytest.raises(ValueError, match="start at 2"):
+    with pytest.raises(PackedBatchError, match="start at 2"):
         to_fastsel_batch({**row, "position_ids": row["position_ids"] + 2})
     two_rows = {k: v.repeat(2, 1) for k, v in row.items() if k != "position_ids"}
-    with pytest.raises(PackedBatchError, match="cu_seq_lens_q"):
+    with pytest.raises(PackedBatchError, match="cover"):
         to_fastsel_batch({**two_rows, "cu_seq_lens_q": torch.tensor([0, 5, 12])})
+    with pytest.raises(PackedBatchError, match="disagree"):
+        to_fastsel_batch({**row, "cu_seq_lens_q": torch.tensor([0, 6, 12])})
     with pytest.raises(ValueError, match="no sequence has a supervised token"):
         to_fastsel_batch({**row, "labels": torch.full_like(row["labels"], -100)})
 
@@ -432,3 +443,58 @@ def test_trl_sft_trainer(tmp_path, padding_free) -> None:
                                                                            loss_type="dft", use_cpu=True,
                                                                            report_to="none"),
                                        train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer())
+
+
+@pytest.mark.parametrize("mode", ["padding_free", "bfd"])
+def test_trl_packed_batches_run_natively_and_select_like_padded(tmp_path, mode) -> None:
+    """SFTTrainer(padding_free=True) and packing=True (BFD): the model receives the packed row as it is (one row,
+    no attention mask, restarting position_ids), the kept sequences are the padded path's, and TRL's token metrics
+    are logged over the kept examples."""
+    trl = pytest.importorskip("trl")
+    rows = [{k: r[k] for k in ("id", "input_ids", "labels")} for r in token_rows(8, seed=9)]
+    model = new_model()
+    seen: list[dict[str, Any]] = []
+
+    def record(module, args, kwargs):  # noqa: ANN001
+        if torch.is_grad_enabled():  # the training forward (the packing probe runs without grad)
+            seen.append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=LR, report_to="none",
+                               use_cpu=True, save_strategy="no", disable_tqdm=True, optim="adamw_torch",
+                               logging_steps=1, padding_free=mode == "padding_free", packing=mode == "bfd",
+                               per_device_train_batch_size=8 if mode == "padding_free" else 1,
+                               max_length=None if mode == "padding_free" else 128)
+        trainer = make_selective(trl.SFTTrainer)(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                                 processing_class=_word_tokenizer(),
+                                                 fastsel_config=SelectionConfig(ratio=0.25))
+        trainer.train()
+    entry = trainer.fastsel_log[0]
+    assert entry["packed"] and entry["batch_size"] == 8 and len(entry["kept_positions"]) == 2
+    lengths = sum(len(r["input_ids"]) for r in rows)
+    inputs = seen[0]
+    assert "attention_mask" not in inputs and inputs["input_ids"].shape == (1, lengths)
+    pos = inputs["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist() + [lengths]
+    sequences = [tuple(inputs["input_ids"][0, a:b].tolist()) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    kept = {sequences[i] for i in entry["kept_positions"]}
+    if mode == "padding_free":
+        assert sorted(entry["ids"]) == sorted(r["id"] for r in rows) and len(entry["kept_ids"]) == 2
+        by_id = {r["id"]: tuple(r["input_ids"]) for r in rows}
+        assert {by_id[i] for i in entry["kept_ids"]} == kept
+    padded = fastsel.select(pad_collator(rows), new_model(), ratio=0.25)
+    assert {tuple(rows[i]["input_ids"]) for i in padded.indices.tolist()} == kept
+    # TRL's metrics over the kept examples, from the model before the step
+    kept_rows = [r for r in rows if tuple(r["input_ids"]) in kept]
+    batch = prepare_batch(pad_collator(kept_rows))
+    with torch.no_grad():
+        logits = forward_logits(new_model(), batch)
+    target = batch["labels"][:, 1:]
+    sup = target != -100
+    log_p = torch.log_softmax(logits[:, :-1][sup], dim=-1)
+    logged = trainer.state.log_history[0]
+    assert logged["num_tokens"] == sum(len(r["input_ids"]) for r in kept_rows)
+    assert logged["mean_token_accuracy"] == pytest.approx(float((log_p.argmax(-1) == target[sup]).float().mean()))
+    assert logged["entropy"] == pytest.approx(float(-(log_p.exp() * log_p).sum(-1).mean()), rel=1e-5)

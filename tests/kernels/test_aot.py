@@ -62,9 +62,13 @@ def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.Mon
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run only under the interpreter
     x = torch.randn(2, 40, 24, device=dev)
     delta = torch.randn(2, 40, 8, device=dev)
-    for method, write in (("instantiate", False), ("instantiate", True), ("gram", False)):
-        linear_norm.linear_sq_norms(x, delta, method=method, write_grads=write, valid_range=torch.tensor([40, 7], device=dev))
-        site = aot.Site("t", 40, 8, 24, method=method, has_range=True, write_grads=write)
+    segments = torch.tensor([[0, 0, 9], [0, 9, 40], [1, 0, 30]], device=dev)  # a packed launch: 3 sequences
+    for method, write, packed in (("instantiate", False, False), ("instantiate", True, False), ("gram", False, False),
+                                  ("instantiate", True, True), ("gram", False, True)):
+        where = dict(segments=segments, max_length=31) if packed else dict(valid_range=torch.tensor([40, 7], device=dev))
+        linear_norm.linear_sq_norms(x, delta, method=method, write_grads=write, **where)
+        site = aot.Site("t", 40, 8, 24, method=method, has_range=True, write_grads=write, segments=3 * packed,
+                        max_length=31 if packed else None)
         planned = aot.site_launch(site)
         assert ran[-1].kernel is planned.kernel
         assert ran[-1].constexprs == planned.constexprs and ran[-1].num_warps == planned.num_warps

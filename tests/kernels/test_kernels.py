@@ -209,6 +209,46 @@ def test_grouped_matches_per_site() -> None:
         _assert_rel(stacked[g], LM.sq_norms_gram(xs[g], ds[g]))
 
 
+# Packed rows: several sequences per row (lengths 7, 2, 14 | 1, 17), row 1's last 5 tokens padding.
+SPANS = [(0, 0, 7), (0, 7, 9), (0, 9, 23), (1, 0, 1), (1, 1, 18)]
+CU_SEQLENS = [0, 7, 9, 23, 24, 41]  # the same spans as offsets over the flattened [2 * 23] tokens
+
+
+@pytest.mark.parametrize("method", ["instantiate", "gram"])
+def test_packed_segments_match_reference(method: str) -> None:
+    """One result per sequence, from (row, start, end) segments or cu_seqlens, == the torch reference: the row's
+    other sequences and its padding never count; small blocks cross several token blocks and tiles."""
+    from fastsel.engine.segments import Segments
+
+    x, d = _inputs(2, 23, 40, 24)
+    segments = Segments.from_spans(SPANS, 2, 23, x.device)
+    ref = LM.segment_sq_norms(x, d, segments)
+    _assert_rel(ref, torch.stack([LM.sq_norms_instantiate(x[r:r + 1, s:e], d[r:r + 1, s:e])[0]
+                                  for r, s, e in SPANS]))
+    blocks = (16, 16, 16) if method == "instantiate" else (16, 16)
+    write = method == "instantiate"
+    norms, grads = LN.linear_sq_norms(x, d, method=method, segments=torch.tensor(SPANS, device=DEV), max_length=17,
+                                      write_grads=write, _blocks=blocks)
+    _assert_rel(norms, ref)
+    if write:
+        torch.testing.assert_close(grads, LM.segment_grads(x, d, segments), rtol=1e-5, atol=1e-5)
+    norms, _ = LN.linear_sq_norms(x, d, method=method, cu_seqlens=torch.tensor(CU_SEQLENS, device=DEV),
+                                  max_length=17, _blocks=blocks)
+    _assert_rel(norms, ref)
+
+
+def test_grouped_packed_segments() -> None:
+    from fastsel.engine.segments import Segments
+
+    sites = [_inputs(2, 23, 24, 8) for _ in range(2)] + [_inputs(2, 23, 8, 30)]
+    segments = Segments.from_spans(SPANS, 2, 23, sites[0][0].device)
+    got = K.grouped_linear_sq_norms([x for x, _ in sites], [d for _, d in sites],
+                                    segments=torch.tensor(SPANS, device=DEV), max_length=17)
+    assert got.shape == (3, len(SPANS))
+    for g, (x, d) in enumerate(sites):
+        _assert_rel(got[g], LM.segment_sq_norms(x, d, segments))
+
+
 def test_empty_inputs() -> None:
     norms, grads = K.linear_sq_norms(
         torch.zeros(0, 3, 4, device=DEV), torch.zeros(0, 3, 5, device=DEV), write_grads=True

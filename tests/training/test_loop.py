@@ -12,7 +12,7 @@ from tiny import VOCAB, lora, tiny_model
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import fastsel
-from fastsel.engine.batch import collate, prepare_batch
+from fastsel.engine.batch import collate, pack, prepare_batch, take_examples
 from fastsel.engine.losses import per_example_losses
 from fastsel.engine.model_io import forward_logits
 from fastsel.training.loop import TrainConfig, _checkpointing_on, train
@@ -85,8 +85,9 @@ def test_loop_logs_ids_and_saves(strategy: str, tmp_path) -> None:
 
 
 def manual_reference(model, rows, *, strategy, batch_size, ratio, grad_accum, steps, lr, seed,
-                     kl_coef=0.0, ewc=None):
-    """What train should do, written out plainly: same order, same selection seeds, AdamW, constant lr."""
+                     kl_coef=0.0, ewc=None, packing=False):
+    """What train should do, written out plainly: same order, same selection seeds, AdamW, constant lr; each
+    micro-batch packed into one padding-free row (`packing`) or right-padded."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = epoch_order(len(rows), seed, epochs=steps * grad_accum * batch_size // len(rows) + 1)
@@ -95,15 +96,16 @@ def manual_reference(model, rows, *, strategy, batch_size, ratio, grad_accum, st
         for m in range(grad_accum):
             micro = step * grad_accum + m
             chosen = order[micro * batch_size:(micro + 1) * batch_size]
-            batch = collate([rows[i] for i in chosen], 0)
+            features = [rows[i] for i in chosen]
+            batch = pack(features, 0) if packing else collate(features, 0)
             seed_m = (seed * 1_000_003 + micro) % 2**62
             if kl_coef or ewc:
                 sel = fastsel.select(batch, model, ratio=ratio, strategy=strategy, seed=seed_m) \
                     if strategy != "full" else None
                 keep = sel.indices if sel is not None else torch.arange(len(chosen))
-                sub = prepare_batch({k: batch[k][keep] for k in ("input_ids", "attention_mask", "labels")})
+                sub = prepare_batch(take_examples(prepare_batch(batch), keep))
                 logits = forward_logits(model, sub)
-                loss = per_example_losses(logits, sub["labels"]).mean()
+                loss = per_example_losses(logits, sub["labels"], sub["segments"]).mean()
                 loss = loss + kl_coef * kl_to_reference_loss(model, sub, logits=logits)
                 if ewc:
                     loss = loss + ewc[0] * ewc_penalty(model, ewc[1], ewc[2])
@@ -118,12 +120,14 @@ def manual_reference(model, rows, *, strategy, batch_size, ratio, grad_accum, st
     return trainable(model), kept_ids
 
 
+@pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("strategy", ["moderate", "random"])
-def test_update_equals_hand_written_loop(strategy: str) -> None:
+def test_update_equals_hand_written_loop(strategy: str, packing: bool) -> None:
     rows = make_rows(20, seed=5)
-    opts = dict(strategy=strategy, batch_size=5, ratio=0.4, grad_accum=2, lr=5e-3, seed=11)
+    opts = dict(strategy=strategy, batch_size=5, ratio=0.4, grad_accum=2, lr=5e-3, seed=11, packing=packing)
     model = lora(tiny_model("qwen2"))
     result = train(model, rows, max_steps=2, progress=False, **opts)
+    assert result.packed is packing
     expected, kept = manual_reference(lora(tiny_model("qwen2")), rows, steps=2, **opts)
     got = trainable(model)
     for name in expected:
@@ -146,7 +150,7 @@ def test_regularized_update_equals_hand_written_loop() -> None:
         train(model, rows, max_steps=2, progress=False, strategy=strategy, kl_coef=0.7, ewc_coef=3.0,
               ewc_fisher=fisher, ewc_anchor=anchor, **opts)
         expected, _ = manual_reference(lora(tiny_model()), rows, steps=2, strategy=strategy, kl_coef=0.7,
-                                       ewc=(3.0, fisher, anchor), **opts)
+                                       ewc=(3.0, fisher, anchor), packing=True, **opts)  # packing: the default
         got = trainable(model)
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)

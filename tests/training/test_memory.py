@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from tiny import lora, make_batch, tiny_model
+from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
-from fastsel.engine.batch import prepare_batch
+from fastsel.engine.batch import prepare_batch, take_examples
 from fastsel.engine.losses import per_example_losses
 from fastsel.engine.model_io import forward_logits
 from fastsel.engine.norms import norm_pass
@@ -97,6 +97,48 @@ def test_loss_band_row_reduction_is_exact() -> None:
                                          backend="torch")
         assert sel.single_pass and f"{rows.numel()} of 10 row(s) in the loss band" in sel.pass_reason
         assert_rel(grads_and_zero(model), reference_grads(batch, model, sel.indices.tolist()))
+
+
+def packed_reference_grads(batch, model, examples: list[int]) -> list[torch.Tensor]:
+    """Mean-loss gradient of the chosen sequences of a packed batch, each one alone (its own forward)."""
+    prepared = prepare_batch(batch)
+    losses = []
+    for i in examples:
+        single = prepare_batch(take_examples(prepared, torch.tensor([i])))
+        losses.append(per_example_losses(forward_logits(model, single), single["labels"], single["segments"])[0])
+    return list(torch.autograd.grad(torch.stack(losses).mean(), trainable(model)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_loss_band_split_by_sequence_on_packed_rows(backend: str) -> None:
+    """A packed row holds several examples, so the loss-band split keeps per-example gradients per sequence (two
+    accumulators over the same rows, each summing its own sequences' tokens), not per row: the same norms for every
+    sequence, the same kept gradients, and the single-pass step equals the selected sequences' gradient."""
+    if backend == "triton":
+        from fastsel import kernels
+
+        if not kernels.available():
+            pytest.skip("triton not installed")
+    model = lora(tiny_model("qwen2", tie=True), r=2)
+    if backend == "torch":
+        for n, p in model.named_parameters():  # a tied, trainable embedding: several calls per parameter
+            if n.endswith("embed_tokens.weight"):
+                p.requires_grad_(True)
+    batch = make_packed([[5, 9, 7], [6, 8, 4, 5]], pad=2, seed=8)
+    targets = find_targets(model)
+    whole = norm_pass(batch, model, backend=backend, keep_grads=True, targets=targets)
+    rows = candidate_mask(whole.losses, 1.0).nonzero().flatten()
+    kept = set(rows.tolist())
+    assert any(kept & row and row - kept for row in ({0, 1, 2}, {3, 4, 5, 6}))  # a row mixes kept and other ones
+    reduced = norm_pass(batch, model, backend=backend, targets=targets, keep_rows=lambda losses: rows)
+    assert torch.equal(reduced.grad_rows, rows)
+    for name, sq in whole.sq_norms.items():
+        torch.testing.assert_close(reduced.sq_norms[name], sq, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(reduced.per_example_grads[name], whole.per_example_grads[name][rows],
+                                   rtol=1e-5, atol=1e-9)
+    sel = fastsel.selective_backward(batch, model, ratio=0.3, single_pass=True, backend=backend)
+    assert sel.single_pass and f"{rows.numel()} of 7 row(s) in the loss band" in sel.pass_reason
+    assert_rel(grads_and_zero(model), packed_reference_grads(batch, model, sel.indices.tolist()))
 
 
 def test_row_reduction_with_triton_kernels() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import lora, make_batch, tiny_model
+from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
 from fastsel.engine.batch import prepare_batch
@@ -56,6 +56,29 @@ def test_single_pass_equals_two_pass_and_subset(strategy: str) -> None:
     assert_close_lists(g2, expected)
     if strategy in ("moderate", "low", "high"):
         assert sel1.single_pass is True and sel2.single_pass is False
+
+
+@pytest.mark.parametrize("strategy", ["moderate", "full"])
+def test_packed_single_and_two_pass_equal_the_selected_sequences_alone(strategy: str) -> None:
+    """A packed batch (2 rows, one right-padded): the same selection as the padded batch of the same sequences,
+    and both steps == a plain backward of the selected sequences."""
+    model = lora(tiny_model("qwen2"), r=4)
+    lengths = [5, 9, 7, 6, 8, 4, 10, 5, 6, 7]
+    packed = make_packed([lengths[:6], lengths[6:]])
+    padded = make_batch(lengths)  # the same sequences (same generator draws), one per row
+    sel1 = fastsel.selective_backward(packed, model, strategy=strategy, ratio=0.3, single_pass=True)
+    g1 = grads_of(model)
+    zero(model)
+    sel2 = fastsel.selective_backward(packed, model, strategy=strategy, ratio=0.3, single_pass=False)
+    g2 = grads_of(model)
+    zero(model)
+    sel3 = fastsel.selective_backward(padded, model, strategy=strategy, ratio=0.3)
+    zero(model)
+    assert sel1.indices.tolist() == sel2.indices.tolist() == sel3.indices.tolist()
+    assert sel1.losses.shape == (10,)
+    expected = reference_grads(padded, model, sel1.indices.tolist())
+    assert_close_lists(g1, expected)
+    assert_close_lists(g2, expected)
 
 
 def test_gradient_accumulation_adds_scaled_gradients() -> None:
