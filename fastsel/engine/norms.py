@@ -1,7 +1,8 @@
 """The norm pass: one batched forward and one backward give every example's exact gradient norm.
 
 Data flow: batch -> forward with capture hooks -> per-example losses L_i -> one backward of sum_i L_i (so each
-example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i.
+example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i, and,
+given reference gradients R_k, <grad L_i, R_k> from the same captured pairs (same forward, same backward).
 Backends: `torch` (batched PyTorch math, runs everywhere), `triton` (fused kernels in fastsel.kernels for the
 Linear sites), `naive` (one forward+backward per unpadded example: the oracle), `auto` (triton on CUDA, else torch).
 """
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine import linear_math
+from fastsel.engine import dot_math, linear_math
 from fastsel.engine.accumulate import (
     GroupedSqNorms,
+    GroupedSqNormsDots,
+    LinearDots,
     LinearGrads,
     LinearSqNorms,
+    LinearSqNormsDots,
     ParamAccumulator,
     resolve_deferred,
 )
@@ -26,6 +30,7 @@ from fastsel.engine.batch import prepare_batch
 from fastsel.engine.capture import Capture
 from fastsel.engine.losses import check_finite, per_example_losses
 from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.references import ReferenceLike, References, prepare_references
 from fastsel.engine.targets import Target, find_targets
 
 BACKENDS = ("auto", "torch", "triton", "naive")
@@ -33,17 +38,40 @@ BACKENDS = ("auto", "torch", "triton", "naive")
 
 @dataclass
 class NormPass:
-    """What one norm pass measured: per-example losses, per-parameter squared norms, optional per-example grads."""
+    """What one norm pass measured: per-example losses, per-parameter squared norms, optional per-example grads,
+    and, with references, per-parameter dots <grad L_i, R_k>."""
 
     losses: Tensor  # [B] fp32, detached
     sq_norms: dict[str, Tensor]  # parameter name -> [B] fp32
     backend: str
     per_example_grads: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, *shape] (keep_grads only)
+    param_dots: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, K] fp32 (reference given only)
+    reference_sq_norms: Tensor | None = None  # [K] fp32 ||R_k||^2 (reference given only)
+    single_reference: bool = True  # one reference dict was given: `dots` / `cosines` are [B], else [B, K]
 
     @property
     def norms(self) -> Tensor:
         """Total per-example gradient norm over all covered parameters, [B] fp32."""
         return torch.stack(list(self.sq_norms.values())).sum(dim=0).sqrt()
+
+    def _shaped(self, values: Tensor) -> Tensor:
+        return values[:, 0] if self.single_reference else values
+
+    @property
+    def dots(self) -> Tensor | None:
+        """<grad L_i, R_k> over all covered parameters: [B] for one reference, [B, K] for a list (None without)."""
+        if not self.param_dots:
+            return None
+        return self._shaped(torch.stack(list(self.param_dots.values())).sum(dim=0))
+
+    @property
+    def cosines(self) -> Tensor | None:
+        """cos(grad L_i, R_k), shaped like `dots`; 0 where either gradient is exactly zero."""
+        if not self.param_dots:
+            return None
+        dots = torch.stack(list(self.param_dots.values())).sum(dim=0)
+        denom = self.norms[:, None] * self.reference_sq_norms.sqrt()[None, :]
+        return self._shaped(torch.where(denom > 0, dots / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0))
 
 
 def resolve_backend(backend: str, model: nn.Module) -> str:
@@ -98,6 +126,34 @@ def _linear_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNorms, Gr
     return per_site, grouped, grads
 
 
+def _dot_fns(backend: str, attention_mask: Tensor) -> tuple[LinearSqNormsDots, GroupedSqNormsDots | None,
+                                                              LinearDots]:
+    """The backend's direct-site (norms and dots), grouped (triton only) and plain Linear dot functions."""
+    if backend != "triton":
+        return dot_math.sq_norms_and_dots, None, dot_math.linear_dots
+    from fastsel import kernels
+
+    seq_len = attention_mask.shape[1]
+    valid = _valid_range(attention_mask)
+
+    def ranged(t: int) -> Tensor | None:
+        return valid if t == seq_len else None
+
+    def per_site(x: Tensor, delta: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
+        return kernels.linear_sq_norms_dots(x, delta, refs, valid_range=ranged(x.shape[1]))
+
+    def grouped(xs: list[Tensor], deltas: list[Tensor], refs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        if len({x.shape[1] for x in xs}) != 1:
+            parts = [per_site(x, d, r) for x, d, r in zip(xs, deltas, refs, strict=True)]
+            return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        return kernels.grouped_linear_sq_norms_dots(xs, deltas, refs, valid_range=ranged(xs[0].shape[1]))
+
+    def dots(x: Tensor, delta: Tensor, refs: Tensor) -> Tensor:
+        return kernels.linear_dots(x, delta, refs, valid_range=ranged(x.shape[1]))
+
+    return per_site, grouped, dots
+
+
 def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]) -> list[Tensor | None]:
     """Backward of `total`; return the targets' batch gradients and leave every `.grad` as it was before.
 
@@ -117,11 +173,17 @@ def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]
 
 
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
-                      backend: str = "torch", keep_grads: bool = False) -> NormPass:
-    """One batched forward+backward with capture hooks; no .grad is written and the model is left as found."""
+                      backend: str = "torch", keep_grads: bool = False,
+                      references: References | None = None) -> NormPass:
+    """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
+
+    With `references` every accumulator also forms its parameter's dots from the same captured pairs.
+    """
     prepared = prepare_batch(batch, model_device(model))
     batch_size = prepared["input_ids"].shape[0]
     linear_fn, grouped_fn, grads_fn = _linear_fns(backend, prepared["attention_mask"])
+    fused_fn, grouped_dots_fn, dots_fn = _dot_fns(backend, prepared["attention_mask"])
+    refs = references.tensors if references is not None else {}
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -141,15 +203,18 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         capture.counting = False
         for target in targets:
             calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-            accumulators[target.name] = ParamAccumulator(target.shape, batch_size, calls, keep_grads, linear_fn,
-                                                         defer=grouped_fn is not None, linear_grads=grads_fn)
+            accumulators[target.name] = ParamAccumulator(
+                target.shape, batch_size, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
+                linear_grads=grads_fn, refs=refs.get(target.name), linear_sq_norms_dots=fused_fn,
+                linear_dots=dots_fn)
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets])
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
     if grouped_fn is not None:
-        resolve_deferred(list(accumulators.values()), grouped_fn)
+        resolve_deferred(list(accumulators.values()), grouped_fn, grouped_dots_fn)
 
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
+    dots: dict[str, Tensor] = {}
     for target, batch_grad in zip(targets, batch_grads, strict=True):
         acc = accumulators[target.name]
         sq = acc.sq_norms()
@@ -165,14 +230,27 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         elif keep_grads:
             kept[target.name] = acc.grads
         sq_norms[target.name] = sq
-    return NormPass(losses.detach(), sq_norms, backend, kept)
+        if references is not None:
+            dot = acc.dots()
+            dots[target.name] = dot if dot is not None else torch.zeros(batch_size, references.count,
+                                                                        device=losses.device)
+    return _with_references(NormPass(losses.detach(), sq_norms, backend, kept, dots), references)
 
 
-def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target]) -> NormPass:
-    """The oracle: for each example alone (padding stripped), forward, backward, and the norm of its gradient."""
+def _with_references(result: NormPass, references: References | None) -> NormPass:
+    if references is not None:
+        result.reference_sq_norms = references.sq_norms
+        result.single_reference = references.single
+    return result
+
+
+def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
+                    references: References | None = None) -> NormPass:
+    """The oracle: for each example alone (padding stripped), forward, backward, and the norm of its gradient
+    (and its dots with the references)."""
     prepared = prepare_batch(batch, model_device(model))
     params = [t.param for t in targets]
-    losses, rows = [], []
+    losses, rows, dot_rows = [], [], []
     for i in range(prepared["input_ids"].shape[0]):
         keep = prepared["attention_mask"][i].bool()
         n = int(keep.sum())
@@ -188,29 +266,45 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
         rows.append([
             torch.zeros((), device=loss.device) if g is None else g.float().square().sum() for g in grads
         ])
+        if references is not None:
+            dot_rows.append([
+                torch.zeros(references.count, device=loss.device) if g is None
+                else dot_math.grads_dots(g[None], references.tensors[t.name])[0]
+                for g, t in zip(grads, targets, strict=True)
+            ])
     losses_t = torch.stack(losses)
     check_finite(losses_t, "loss")
     sq_norms = {t.name: torch.stack([row[j] for row in rows]) for j, t in enumerate(targets)}
-    return NormPass(losses_t, sq_norms, "naive")
+    dots = {t.name: torch.stack([row[j] for row in dot_rows]) for j, t in enumerate(targets)} if dot_rows else {}
+    return _with_references(NormPass(losses_t, sq_norms, "naive", param_dots=dots), references)
 
 
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
-              backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None) -> NormPass:
+              backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None,
+              reference: ReferenceLike | None = None) -> NormPass:
     """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
 
     `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller already did it.
+    `reference`: a gradient dict {parameter name: tensor} over exactly those parameters (e.g. from
+    `fastsel.reference_gradient`), or a list of them: the same forward and backward then also give every
+    example's exact <grad L_i, R_k> (`NormPass.dots`, `NormPass.cosines`). A bad reference raises before the
+    model runs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = resolve_backend(backend, model)
     targets = find_targets(model, params) if targets is None else targets
+    references = None if reference is None else prepare_references(reference, targets, model_device(model))
     if backend == "naive":
         if keep_grads:
             raise ValueError("keep_grads is not available with backend='naive'")
-        result = naive_norm_pass(batch, model, targets)
+        result = naive_norm_pass(batch, model, targets, references)
     else:
-        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads)
+        result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads,
+                                   references=references)
     check_finite(result.norms, "gradient norm")
+    if references is not None:
+        check_finite(torch.stack(list(result.param_dots.values())).sum(dim=0).sum(dim=1), "gradient dot")
     return result
 
 
