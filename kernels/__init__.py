@@ -4,7 +4,9 @@ One op per file, Liger-Kernel style, kernel and launcher side by side:
 
 - `linear_norm.py`: instantiate-in-registers and T == 1 kernels, and the `linear_sq_norms` launcher;
 - `gram_norm.py`: the Gram ("ghost") kernel for short T and large m*n;
-- `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch.
+- `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch;
+- `linear_dot.py`: per-example gradient dots <G_i, R_k> with reference gradients (fused with the instantiate
+  norm, or the per-token delta^T R x contraction), per site and grouped.
 
 This package imports only torch and triton, and triton lazily: `import fastsel.kernels` works without triton
 (`available()` then says False) and the kernel modules are imported on the first kernel call, which raises a clear
@@ -21,7 +23,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "installed", "interpreted", "linear_sq_norms"]
+__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "grouped_linear_sq_norms_dots", "installed",
+           "interpreted", "linear_dots", "linear_sq_norms", "linear_sq_norms_dots"]
 
 _TRITON_OK: bool | None = None
 
@@ -101,3 +104,22 @@ def grouped_linear_sq_norms(
 ) -> Tensor:
     """Per-site, per-example ||G||_F^2 of G sites sharing the batch, one launch per shape group: [G, B] fp32."""
     return _module("grouped").grouped_linear_sq_norms(xs, deltas, method=method, valid_range=valid_range)
+
+
+def linear_sq_norms_dots(x: Tensor, delta: Tensor, refs: Tensor, *, valid_range: Tensor | None = None,
+                         method: str = "auto") -> tuple[Tensor, Tensor]:
+    """(||G_i||^2 [B], <G_i, R_k> [B, K]) of a Linear site with fp32 references [K, m, n]: one fused launch where
+    the norm instantiates G_i; see `linear_dot.linear_sq_norms_dots`."""
+    return _module("linear_dot").linear_sq_norms_dots(x, delta, refs, valid_range=valid_range, method=method)
+
+
+def linear_dots(x: Tensor, delta: Tensor, refs: Tensor, *, valid_range: Tensor | None = None,
+                method: str = "auto") -> Tensor:
+    """<G_i, R_k> [B, K] fp32 of a Linear site with references [K, m, n]; see `linear_dot.linear_dots`."""
+    return _module("linear_dot").linear_dots(x, delta, refs, valid_range=valid_range, method=method)
+
+
+def grouped_linear_sq_norms_dots(xs: Sequence[Tensor], deltas: Sequence[Tensor], refs: Sequence[Tensor], *,
+                                 valid_range: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-site norms [G, B] and dots [G, B, K] of G sites sharing the batch, grouped by shape."""
+    return _module("linear_dot").grouped_linear_sq_norms_dots(xs, deltas, refs, valid_range=valid_range)

@@ -1,0 +1,331 @@
+"""Exact per-example gradient dots <G_i, R_k> of a Linear-like site with K reference gradients, as Triton kernels.
+
+For x [B, T, n], delta [B, T, m] and references R [K, m, n] (fp32), example i's weight gradient is
+G_i = sum_t delta_t x_t^T, and its dot with R_k is sum_t delta_t^T R_k x_t. Equal to the torch reference
+`fastsel.engine.dot_math` up to fp32 summation order. Two forms:
+
+- instantiate (`_instantiate_dot_kernel`): the tile of G_i is accumulated over T in fp32 registers exactly as the
+  norm's instantiate kernel does; then, for every k, the matching R_k tile is loaded and dotted with it in
+  registers, and the tile's partial dot is atomically added into dots[b, k]. With `WITH_NORM` the same program
+  also adds ||tile||^2 into norms[b]: the norm and the dots of a LoRA site in one launch, G_i never stored.
+- project (`_project_dot_kernel`): for sites whose norm takes the Gram (or T == 1) form, the per-token
+  contraction delta_t^T (R_k x_t): one program per (example, k, m-tile) projects a token block of x onto the
+  R_k rows of its m-tile (tl.dot over n chunks), multiplies by the delta tile and reduces. Cost ~ T m n per k.
+
+Grouping: sites of one shape are concatenated along the batch (G*B rows, as `grouped.py` does for norms) and
+their references stacked [G, K, m, n]; row b reads the references of site b // B. Products are fp32 ("ieee",
+no tf32): x and delta tiles are cast to fp32, as the references are fp32. A `valid_range` restricts each example
+to its tokens, as for the norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import choose_method
+from .gram_norm import gram_launch
+from .launch import Launch
+from .linear_norm import _check_inputs, _native_dot, _prepare_ranges, instantiate_blocks, outer_launch
+from .token_range import example_token_range
+
+_METHODS = ("auto", "instantiate", "project")
+
+
+@triton.jit
+def _instantiate_dot_kernel(
+    x_ptr,
+    d_ptr,
+    r_ptr,
+    norms_ptr,
+    ref_ptr,
+    dots_ptr,
+    T,
+    M,
+    N,
+    K,
+    B_GROUP,
+    stride_xb,
+    stride_xt,
+    stride_xn,
+    stride_db,
+    stride_dt,
+    stride_dm,
+    stride_rb,
+    stride_fg,
+    stride_fk,
+    stride_fm,
+    stride_ob,
+    HAS_RANGE: tl.constexpr,
+    WITH_NORM: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (G*B, cdiv(m, BLOCK_M), cdiv(n, BLOCK_N)): tile of G_b; dots[b, k] += <tile, R_k tile> for every k
+    (and norms[b] += ||tile||^2 with WITH_NORM). References: contiguous along n."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_base = x_ptr + b * stride_xb
+    d_base = d_ptr + b * stride_db
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        d = tl.load(
+            d_base + offs_m[:, None] * stride_dm + offs_t[None, :] * stride_dt,
+            mask=mask_m[:, None] & mask_t[None, :],
+            other=0.0,
+        )
+        xt = tl.load(
+            x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+            mask=mask_t[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if NATIVE_DOT:
+            acc = tl.dot(d, xt, acc)
+        else:
+            acc = tl.dot(d.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+
+    if WITH_NORM:
+        tl.atomic_add(norms_ptr + b, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    ref_base = ref_ptr + (b // B_GROUP) * stride_fg + offs_m[:, None] * stride_fm + offs_n[None, :]
+    for k in range(0, K):
+        rt = tl.load(ref_base + k * stride_fk, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        tl.atomic_add(dots_ptr + b * stride_ob + k, tl.sum(tl.sum(acc * rt, axis=1), axis=0))
+
+
+@triton.jit
+def _project_dot_kernel(
+    x_ptr,
+    d_ptr,
+    r_ptr,
+    ref_ptr,
+    dots_ptr,
+    T,
+    M,
+    N,
+    B_GROUP,
+    stride_xb,
+    stride_xt,
+    stride_xn,
+    stride_db,
+    stride_dt,
+    stride_dm,
+    stride_rb,
+    stride_fg,
+    stride_fk,
+    stride_fm,
+    stride_ob,
+    HAS_RANGE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (G*B, K, cdiv(m, BLOCK_M)): dots[b, k] += sum_t delta_t[m-tile] . (R_k[m-tile] x_t)."""
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_base = x_ptr + b * stride_xb
+    d_base = d_ptr + b * stride_db
+    ref_base = ref_ptr + (b // B_GROUP) * stride_fg + k * stride_fk
+
+    acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        proj = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)  # x_t projected on the R_k rows of this m-tile
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            xt = tl.load(
+                x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                mask=mask_t[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            rt = tl.load(  # R_k^T tile [BLOCK_N, BLOCK_M]
+                ref_base + offs_m[None, :] * stride_fm + offs_n[:, None],
+                mask=mask_n[:, None] & mask_m[None, :],
+                other=0.0,
+            )
+            proj = tl.dot(xt.to(tl.float32), rt, proj, input_precision="ieee")
+        d = tl.load(
+            d_base + offs_t[:, None] * stride_dt + offs_m[None, :] * stride_dm,
+            mask=mask_t[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        acc += proj * d.to(tl.float32)
+    tl.atomic_add(dots_ptr + b * stride_ob + k, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------- launches
+
+
+def _check_refs(refs: Tensor, m: int, n: int, groups: int, device: torch.device) -> Tensor:
+    """[G, K, m, n] fp32 references, contiguous along n, on the inputs' device."""
+    if not isinstance(refs, Tensor) or refs.dim() != 4 or tuple(refs.shape[2:]) != (m, n) or refs.shape[0] != groups:
+        shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
+        raise ValueError(f"expected references [{groups}, K, {m}, {n}] for this site, got {shape}")
+    if refs.device != device:
+        raise ValueError(f"references are on {refs.device}, the inputs on {device}")
+    refs = refs.float()
+    return refs if refs.stride(3) == 1 or n == 1 else refs.contiguous()
+
+
+def project_blocks(t: int, m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_M, BLOCK_N, num_warps) of the project kernel: blocks >= 16 (tl.dot), at most 64. Its dot
+    runs in fp32 ("ieee": unrolled FMAs, many live values), so 8 warps share the tiles: compiled ahead of time
+    (`aot.py`, sm_80) 4 warps spilled 152 B a thread at BLOCK_T = 32, 8 warps nothing."""
+    block_t = 32 if t >= 32 else 16
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    return block_t, block_m, block_n, 8
+
+
+def _ref_args(refs: Tensor, dots: Tensor) -> tuple[int, int, int, int]:
+    return refs.stride(0), refs.stride(1), refs.stride(2), dots.stride(0)
+
+
+def instantiate_dot_launch(x: Tensor, delta: Tensor, refs: Tensor, dots: Tensor, norms: Tensor | None,
+                           ranges: Tensor | None, batch_group: int,
+                           blocks: tuple[int, int, int] | None = None) -> Launch:
+    """The fused launch: dots[b, k] (+ norms[b] when `norms` is given) from the instantiated tile of G_b."""
+    gb, t, n = x.shape
+    m = delta.shape[2]
+    native = _native_dot(x, delta)
+    bt, bm, bn, warps = instantiate_blocks(t, m, n, native)
+    if blocks is not None:
+        bt, bm, bn = blocks
+    nrm = norms if norms is not None else dots  # placeholder pointer when WITH_NORM is False
+    r = ranges if ranges is not None else dots
+    args = (x, delta, r, nrm, refs, dots, t, m, n, refs.shape[1], batch_group,
+            x.stride(0), x.stride(1), x.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+            r.stride(0) if ranges is not None else 0, *_ref_args(refs, dots))
+    constexprs = dict(HAS_RANGE=ranges is not None, WITH_NORM=norms is not None, NATIVE_DOT=native,
+                      BLOCK_T=bt, BLOCK_M=bm, BLOCK_N=bn)
+    return Launch(_instantiate_dot_kernel, (gb, triton.cdiv(m, bm), triton.cdiv(n, bn)), args, constexprs, warps)
+
+
+def project_dot_launch(x: Tensor, delta: Tensor, refs: Tensor, dots: Tensor, ranges: Tensor | None,
+                       batch_group: int, blocks: tuple[int, int, int] | None = None) -> Launch:
+    """The per-token contraction launch adding sum_t delta_t^T R_k x_t into dots[b, k]."""
+    gb, t, n = x.shape
+    m = delta.shape[2]
+    bt, bm, bn, warps = project_blocks(t, m, n)
+    if blocks is not None:
+        bt, bm, bn = blocks
+    r = ranges if ranges is not None else dots
+    args = (x, delta, r, refs, dots, t, m, n, batch_group,
+            x.stride(0), x.stride(1), x.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+            r.stride(0) if ranges is not None else 0, *_ref_args(refs, dots))
+    constexprs = dict(HAS_RANGE=ranges is not None, BLOCK_T=bt, BLOCK_M=bm, BLOCK_N=bn)
+    return Launch(_project_dot_kernel, (gb, refs.shape[1], triton.cdiv(m, bm)), args, constexprs, warps)
+
+
+def _run(x: Tensor, delta: Tensor, refs: Tensor, ranges: Tensor | None, batch_group: int, *, with_norm: bool,
+         method: str, blocks: tuple[int, ...] | None) -> tuple[Tensor | None, Tensor]:
+    """(norms or None, dots [G*B, K]) of checked, batch-concatenated inputs with [G, K, m, n] references."""
+    gb, t, n = x.shape
+    m = delta.shape[2]
+    k = refs.shape[1]
+    dots = torch.zeros((gb, k), dtype=torch.float32, device=x.device)
+    norms = torch.zeros(gb, dtype=torch.float32, device=x.device) if with_norm else None
+    if gb == 0 or t == 0 or m == 0 or n == 0 or k == 0:
+        return norms, dots
+    norm_method = choose_method(t, m, n)
+    if method == "auto":  # fused with an instantiating norm; alone, instantiate pays off from K = 2 on
+        fused = norm_method == "instantiate" if with_norm else (t > 1 and k > 1)
+        method = "instantiate" if fused else "project"
+    if method == "instantiate":
+        instantiate_dot_launch(x, delta, refs, dots, norms, ranges, batch_group,
+                               blocks[:3] if blocks else None)()
+        return norms, dots
+    if with_norm:
+        if norm_method == "outer":
+            outer_launch(x, delta, norms, ranges)()
+        else:
+            gram_launch(x, delta, norms, ranges, _native_dot(x, delta))()
+    project_dot_launch(x, delta, refs, dots, ranges, batch_group, blocks[:3] if blocks else None)()
+    return norms, dots
+
+
+def linear_sq_norms_dots(x: Tensor, delta: Tensor, refs: Tensor, *, valid_range: Tensor | None = None,
+                         method: str = "auto", _blocks: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """(||G_i||^2 [B], <G_i, R_k> [B, K]) of one Linear site with references [K, m, n], fp32.
+
+    'auto': where the norm's cost rule instantiates, one fused launch; otherwise the norm's Gram/outer kernel
+    plus the project kernel. 'instantiate' / 'project' force the dot form (tests).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(_METHODS)}")
+    x, delta = _check_inputs(x, delta)
+    refs = _check_refs(refs[None] if isinstance(refs, Tensor) else refs, delta.shape[2], x.shape[2], 1, x.device)
+    ranges = _prepare_ranges(valid_range, x.shape[0], x.shape[1], x.device)
+    return _run(x, delta, refs, ranges, x.shape[0], with_norm=True, method=method, blocks=_blocks)
+
+
+def linear_dots(x: Tensor, delta: Tensor, refs: Tensor, *, valid_range: Tensor | None = None,
+                method: str = "auto", _blocks: tuple[int, ...] | None = None) -> Tensor:
+    """<G_i, R_k> [B, K] fp32 of one Linear site with references [K, m, n] (no norm)."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(_METHODS)}")
+    x, delta = _check_inputs(x, delta)
+    refs = _check_refs(refs[None] if isinstance(refs, Tensor) else refs, delta.shape[2], x.shape[2], 1, x.device)
+    ranges = _prepare_ranges(valid_range, x.shape[0], x.shape[1], x.device)
+    return _run(x, delta, refs, ranges, x.shape[0], with_norm=False, method=method, blocks=_blocks)[1]
+
+
+def grouped_linear_sq_norms_dots(xs: Sequence[Tensor], deltas: Sequence[Tensor], refs: Sequence[Tensor], *,
+                                 valid_range: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-site norms [G, B] and dots [G, B, K] of G sites sharing the batch, one launch (or two) per shape.
+
+    Site g is (xs[g], deltas[g]) with references refs[g] [K, m, n]; `valid_range` is shared by all sites.
+    """
+    xs, deltas, refs = list(xs), list(deltas), list(refs)
+    if not xs or not (len(xs) == len(deltas) == len(refs)):
+        raise ValueError(f"need as many x, delta and reference tensors, at least one: got {len(xs)}, "
+                         f"{len(deltas)} and {len(refs)}")
+    bsz = xs[0].shape[0]
+    k = refs[0].shape[0]
+    if any(x.shape[0] != bsz or d.shape[0] != bsz for x, d in zip(xs, deltas, strict=True)):
+        raise ValueError("all sites must share the batch size B")
+    if any(r.shape[0] != k for r in refs):
+        raise ValueError("all sites must have the same number K of references")
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, d) in enumerate(zip(xs, deltas, strict=True)):
+        groups.setdefault((tuple(x.shape), tuple(d.shape), x.dtype, d.dtype, x.device), []).append(i)
+    device = xs[0].device
+    norms_out = torch.empty((len(xs), bsz), dtype=torch.float32, device=device)
+    dots_out = torch.empty((len(xs), bsz, k), dtype=torch.float32, device=device)
+    for idx in groups.values():
+        g = len(idx)
+        x = xs[idx[0]] if g == 1 else torch.cat([xs[i] for i in idx], dim=0)
+        d = deltas[idx[0]] if g == 1 else torch.cat([deltas[i] for i in idx], dim=0)
+        x, d = _check_inputs(x, d)
+        site_refs = _check_refs(torch.stack([refs[i] for i in idx]), d.shape[2], x.shape[2], g, x.device)
+        ranges = _prepare_ranges(valid_range, bsz, x.shape[1], x.device)
+        if ranges is not None and g > 1:
+            ranges = ranges.repeat(g, 1)
+        norms, dots = _run(x, d, site_refs, ranges, bsz, with_norm=True, method="auto", blocks=None)
+        norms_out[idx] = norms.view(g, bsz)
+        dots_out[idx] = dots.view(g, bsz, k)
+    return norms_out, dots_out
+
+
+__all__ = ["grouped_linear_sq_norms_dots", "instantiate_dot_launch", "linear_dots", "linear_sq_norms_dots",
+           "project_blocks", "project_dot_launch"]
