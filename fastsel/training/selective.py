@@ -9,6 +9,9 @@ B*r*(d_in+d_out) per module), and the subset's gradient is their mean over the k
 backward. Two pass: norm pass, then forward+backward of the selected rows. 'auto' takes the single pass when the
 per-example gradients fit in `memory_budget_bytes`.
 
+Reference strategies (`gradshield`, `harmful_similarity`): the same norm pass also measures every example's
+exact dot with the reference gradients (`reference=`), and the strategy's rule keeps examples by those dots.
+
 Gradient accumulation under DDP: pass `sync=False` for every micro-batch of an optimizer step but the last. The
 selection still gathers all ranks' losses and norms every call (global selection; B floats), but only the last
 call (`sync=True`) communicates gradients. The mechanism is DDP's own: each rank adds to `.grad` its share, world
@@ -36,8 +39,16 @@ from fastsel.engine.batch import prepare_batch
 from fastsel.engine.losses import per_example_losses
 from fastsel.engine.model_io import forward_logits, model_device
 from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
+from fastsel.engine.references import ReferenceLike, prepare_references
 from fastsel.engine.targets import Target, find_targets
-from fastsel.selection.rules import Selection, select_indices
+from fastsel.selection.rules import (
+    GradShieldRule,
+    Selection,
+    check_budget,
+    check_reference_option,
+    needs_measurement,
+    select_indices,
+)
 from fastsel.training import distributed
 from fastsel.training.options import check_step_options
 
@@ -146,7 +157,9 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
                        strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
-                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, sync: bool = True) -> Selection:
+                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, sync: bool = True,
+                       reference: ReferenceLike | None = None, gradshield_budget: float = 0.0,
+                       gradshield_rule: GradShieldRule | None = None) -> Selection:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
     `scale` multiplies the added gradient (e.g. 1/accumulation_steps). Returns the Selection (global indices
@@ -160,25 +173,32 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     rounding, what `sync=True` on every micro-batch gives (module docstring: why nothing is counted twice). An
     optimizer step while a `sync=False` contribution is unreduced raises UnreducedGradientError, also in a single
     process so the misuse shows before DDP; setting `.grad` to None in between drops the window and the check.
+
+    `reference` (strategies 'gradshield' and 'harmful_similarity' only, required there): gradient dicts over the
+    trainable parameters (`fastsel.reference_gradient`), checked before anything runs; under DDP every rank must
+    pass the same reference. `gradshield_budget` / `gradshield_rule`: see `fastsel.selection.rules`.
     """
     if not isinstance(sync, bool):
         raise TypeError(f"sync must be a bool, got {sync!r}")
     check_step_options(ratio=ratio, strategy=strategy, loss_band=loss_band, single_pass=single_pass,
                        backend=backend, memory_budget_bytes=memory_budget_bytes, scale=scale, seed=seed)
+    check_reference_option(strategy, reference)
+    check_budget(gradshield_budget)
     model, no_sync = _local_model(model)
     targets = find_targets(model, "trainable")
+    references = None if reference is None else prepare_references(reference, targets, model_device(model))
     batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
     fits = _per_example_grad_bytes(targets, batch_size) <= memory_budget_bytes
     if single_pass is True and not fits:
         raise ValueError(f"single_pass=True needs {_per_example_grad_bytes(targets, batch_size) / 2**20:.0f} MiB "
                          f"of per-example gradients, over memory_budget_bytes={memory_budget_bytes}")
-    needs_norms = strategy in ("moderate", "low", "high")
+    needs_norms = needs_measurement(strategy)
     use_single = needs_norms and (single_pass is True or (single_pass == "auto" and fits))
 
     with no_sync:
         if needs_norms:
             measured = norm_pass(batch, model, backend=resolve_backend(backend, model), keep_grads=use_single,
-                                 targets=targets)
+                                 targets=targets, reference=references)
             losses, norms = measured.losses, measured.norms
         else:
             prepared = prepare_batch(batch, model_device(model))
@@ -186,8 +206,15 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
         all_losses, offset = distributed.gather_rows(losses)
         all_norms, _ = distributed.gather_rows(norms)
+        all_dots = None
+        if references is not None:  # [B] or [B, K]: gathered column by column
+            dots = measured.dots
+            columns = [distributed.gather_rows(c)[0] for c in (dots[:, None] if dots.dim() == 1 else dots).T]
+            all_dots = torch.stack(columns, dim=1) if dots.dim() == 2 else columns[0]
         selection = select_indices(all_losses, all_norms, ratio=ratio, strategy=strategy, loss_band=loss_band,
-                                   seed=distributed.shared_seed(seed) if strategy == "random" else seed)
+                                   seed=distributed.shared_seed(seed) if strategy == "random" else seed,
+                                   dots=all_dots, gradshield_budget=gradshield_budget,
+                                   gradshield_rule=gradshield_rule)
         local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + losses.numel())]
         local = local - offset
         selection.local_indices = local

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_untouched import assert_same, snapshot
-from tiny import lora, make_batch, tiny_model
+from tiny import assert_same, lora, make_batch, snapshot, tiny_model
 
 import fastsel
 from fastsel.engine import dot_math, linear_math

@@ -13,6 +13,8 @@ from tiny import lora, make_batch, tiny_model
 import fastsel
 from fastsel.selection.rules import largest_safe_set, select_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def gradshield_reference(dots: list[float], budget: float) -> list[int]:
     """The largest set of examples whose summed score -<g_i, grad S> is <= budget: the j lowest scores (ties to
