@@ -1,5 +1,6 @@
 """The methods `fastsel bench` compares on one batch: the plain step (the floor), fastsel's norm pass, the naive
-per-example loop, torch.func vmap(grad) and Opacus ghost clipping. Each returns [B] norms (plain: nothing)."""
+per-example loop, torch.func vmap(grad) and Opacus ghost clipping, and fastsel's norm pass with two reference
+gradients (norms + dots in the same pass). Each returns [B] norms (plain: nothing)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,48 @@ def fastsel_norms(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], T
         from fastsel.engine.norms import norm_pass
 
         if backend == "triton":
-            from fastsel import kernels
-
-            if not (torch.cuda.is_available() and model_device(model).type == "cuda" and kernels.available()):
-                raise Unavailable(NO_TRITON_CPU if model_device(model).type == "cpu" else "triton not available")
+            _require_triton(model)
         return norm_pass(batch, model, backend=backend).norms
+
+    return run
+
+
+def _require_triton(model: nn.Module) -> None:
+    """The compiled Triton kernels need a CUDA model (the interpreter is not benchmarked)."""
+    from fastsel import kernels
+
+    if not (torch.cuda.is_available() and model_device(model).type == "cuda" and kernels.available()):
+        raise Unavailable(NO_TRITON_CPU if model_device(model).type == "cpu" else "triton not available")
+
+
+DOT_REFERENCES = 2  # e.g. harmful and safe anchors (harmful_similarity)
+
+
+def bench_references(model: nn.Module, seed: int = 0) -> Any:
+    """`DOT_REFERENCES` fixed random reference gradients over the trainable parameters, checked and stacked once
+    and cached on the model (the bench's own): what a training loop holds between reference refreshes, so the
+    timed pass is the dot pass alone (any values time the same)."""
+    cached = getattr(model, "_fastsel_bench_references", None)
+    if cached is None:
+        from fastsel.engine.references import prepare_references
+        from fastsel.engine.targets import find_targets
+
+        g = torch.Generator().manual_seed(seed)
+        refs = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if p.requires_grad}
+                for _ in range(DOT_REFERENCES)]
+        cached = prepare_references(refs, find_targets(model), model_device(model))
+        model._fastsel_bench_references = cached
+    return cached
+
+
+def fastsel_dots(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
+    """fastsel's one batched pass giving norms and dots with `bench_references` (the norms are returned)."""
+    def run(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
+        from fastsel.engine.norms import norm_pass
+
+        if backend == "triton":
+            _require_triton(model)
+        return norm_pass(batch, model, backend=backend, reference=bench_references(model)).norms
 
     return run
 
@@ -155,6 +193,8 @@ METHOD_FNS: dict[str, Callable[..., Any]] = {
     "opacus": opacus_norms,
     "fastsel_torch": fastsel_norms("torch"),
     "fastsel_triton": fastsel_norms("triton"),
+    "fastsel_torch_dots": fastsel_dots("torch"),
+    "fastsel_triton_dots": fastsel_dots("triton"),
 }
 
 

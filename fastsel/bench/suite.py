@@ -3,7 +3,9 @@
 For each shape one batch goes through every method on identical inputs; the norms are CHECKED EQUAL (relative
 difference <= 1e-4 in fp32) before any time is taken, and a disagreement fails the run naming the method. Then each
 method is timed (warmup, median over repeats with IQR and min/max; CUDA synchronized) beside a plain batched
-forward+backward of the same batch (the floor), with its peak memory. Training overheads: one epoch of Moderate-G
+forward+backward of the same batch (the floor), with its peak memory; fastsel's pass with two reference gradients
+(norms and dots in one pass, dots checked against the naive oracle first) gives `norm_dots_over_norm_pass`.
+Training overheads: one epoch of Moderate-G
 vs one full-batch epoch over the same batches, and the single-pass vs two-pass `selective_backward` step.
 
 Results go to `<out>/<device slug>-<yyyymmdd>.json`; `markdown_table(path)` renders one as Markdown.
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, Unavailable, zero_grads
+from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, Unavailable, bench_references, zero_grads
 from fastsel.bench.checks import BenchMismatch, check_agreement
 from fastsel.bench.output import (
     device_name,
@@ -39,17 +41,21 @@ from fastsel.bench.output import (
 )
 from fastsel.bench.timing import measure_peak, time_fns
 
-METHODS = ("plain", "naive", "vmap", "opacus", "fastsel_torch", "fastsel_triton")
+METHODS = ("plain", "naive", "vmap", "opacus", "fastsel_torch", "fastsel_triton", "fastsel_torch_dots",
+           "fastsel_triton_dots")
+DOT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max |dots - naive dots| / max |naive dots|
 NORM_METHODS = METHODS[1:]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max relative difference of the norms between methods
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = {  # measured vs target in the table; never asserted
-    "cpu": {"norm_pass_over_plain": ("<=", 1.10)},
+    "cpu": {"norm_pass_over_plain": ("<=", 1.10), "norm_dots_over_norm_pass": ("<=", 1.02)},
     "cuda": {"norm_pass_over_plain": ("<=", 1.05), "moderate_epoch_over_full_epoch": ("<=", 1.05),
-             "peak_mem_over_plain": ("<=", 1.10), "naive_over_fastsel": (">=", 10.0)},
+             "peak_mem_over_plain": ("<=", 1.10), "naive_over_fastsel": (">=", 10.0),
+             "norm_dots_over_norm_pass": ("<=", 1.02)},
 }
 RATIO_KEYS = ("norm_pass_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
-              "moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step", "peak_mem_over_plain")
+              "moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step", "peak_mem_over_plain",
+              "norm_dots_over_norm_pass")
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
@@ -292,8 +298,9 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     batch = bench_batch(case.batch, case.seq, cache.vocab[case.model], seed=cache.seed)
     tol = TOLERANCE[case.dtype]
     skipped: dict[str, str] = dict(case.skip)
-    if plan.device == "cpu" and "fastsel_triton" not in skipped:
-        skipped["fastsel_triton"] = NO_TRITON_CPU
+    if plan.device == "cpu":
+        for name in ("fastsel_triton", "fastsel_triton_dots"):
+            skipped.setdefault(name, NO_TRITON_CPU)
     results: dict[str, dict[str, Any] | None] = {}
     norms: dict[str, Tensor] = {}
     # 1. one call of each method: peak memory and the norms, all checked before anything is timed
@@ -317,6 +324,8 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
         sub = {k: v[rows[ref_name]] for k, v in batch.items()}
         norms[ref_name] = METHOD_FNS["naive"](sub, model).detach().float().cpu()
     diffs = check_agreement(norms, rows, tol)
+    dot_diffs = check_dots(batch, model, [n for n in ("fastsel_torch_dots", "fastsel_triton_dots") if n in results],
+                           DOT_TOLERANCE[case.dtype])
     # 2. timings
     groups: dict[tuple[int, int], dict[str, Callable[[], Any]]] = {}
     for name in results:
@@ -327,12 +336,35 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     for name in results:
         if name in diffs:
             results[name]["max_rel_diff_vs_others"] = diffs[name]
+        if name in dot_diffs:
+            results[name]["dots_max_rel_diff_vs_naive"] = dot_diffs[name]
         log(f"  {name:<15} {results[name]['median_s'] * 1e3:10.2f} ms")
     for name, reason in skipped.items():
         log(f"  {name:<15} {'null':>10}    ({reason})")
     methods = {name: results.get(name) for name in METHODS}
     return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name,
             "lengths": batch["attention_mask"].sum(1).tolist(), "methods": methods, "skipped": skipped}
+
+
+def check_dots(batch: Mapping[str, Tensor], model: nn.Module, methods: list[str], tol: float) -> dict[str, float]:
+    """The dot methods' <grad L_i, R_k> on the first two rows against the naive oracle's, before any timing:
+    max |dots - naive| / max |naive| <= tol, else BenchMismatch naming the method."""
+    if not methods:
+        return {}
+    from fastsel.engine.norms import norm_pass
+
+    refs = bench_references(model)
+    sub = {k: v[: min(2, v.shape[0])] for k, v in batch.items()}
+    expected = norm_pass(sub, model, backend="naive", reference=refs).dots.float().cpu()
+    out = {}
+    for name in methods:
+        backend = "triton" if "triton" in name else "torch"
+        got = norm_pass(sub, model, backend=backend, reference=refs).dots.float().cpu()
+        out[name] = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        if out[name] > tol:
+            raise BenchMismatch(f"method {name!r} disagrees with the naive dots: max relative difference "
+                                f"{out[name]:.3e}; tolerance {tol:g}")
+    return out
 
 
 def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -406,7 +438,7 @@ def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
             ratios[key] = num / den
 
     if head is None:
-        for key in RATIO_KEYS[:4] + RATIO_KEYS[6:]:
+        for key in RATIO_KEYS[:4] + RATIO_KEYS[6:]:  # the norm-pass ratios
             ratios[key], ratios[f"{key}_reason"] = None, "no norm-pass case in this run"
     else:
         m, skipped = head["methods"], head["skipped"]
@@ -424,6 +456,8 @@ def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
         put("vmap_over_fastsel", _median(m.get("vmap")), fast, f"vmap: {why('vmap')}")
         put("peak_mem_over_plain", _median(m.get(fast_name), "peak_mem_bytes"),
             _median(m.get("plain"), "peak_mem_bytes"), "peak memory not measurable here")
+        put("norm_dots_over_norm_pass", _median(m.get(fast_name + "_dots")), fast,
+            f"{fast_name}_dots: {why(fast_name + '_dots')}")
     tr = report.get("training")
     reason = "no training case in this run"
     put("moderate_epoch_over_full_epoch", _median(tr and tr["moderate_epoch"]), _median(tr and tr["full_epoch"]),
@@ -489,10 +523,11 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
         if target and value is not None:
             ok = value <= target["value"] if target["op"] == "<=" else value >= target["value"]
             verdict = "met" if ok else "missed"
-        shown = fmt_ratio(value) if value is not None else f"null ({ratios.get(key + '_reason', '')})"
+        reason = ratios.get(key + "_reason", "not measured in this run" if key not in ratios else "")
+        shown = fmt_ratio(value) if value is not None else f"null ({reason})"
         lines.append(f"| `{key}` | {shown} | {tgt} | {verdict} |")
     lines += ["", "| case | plain | fastsel torch | fastsel triton | naive | vmap | opacus | norm/plain | "
-              "peak mem norm/plain |", "|---|---|---|---|---|---|---|---|---|"]
+              "peak mem norm/plain | norm+dots/norm |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         m = c["methods"]
         fast = m.get("fastsel_triton") or m.get("fastsel_torch")
@@ -503,8 +538,10 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
             mem = fmt_ratio(fast["peak_mem_bytes"] / plain["peak_mem_bytes"])
         cells = [fmt_time(m.get(k)) for k in ("plain", "fastsel_torch", "fastsel_triton", "naive", "vmap",
                                                 "opacus")]
+        dots = m.get("fastsel_triton_dots") if m.get("fastsel_triton") else m.get("fastsel_torch_dots")
+        dots_over = fmt_ratio(dots["median_s"] / fast["median_s"]) if dots and fast else "null"
         lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {' | '.join(cells)} | "
-                     f"{over} | {mem} |")
+                     f"{over} | {mem} | {dots_over} |")
     reasons = sorted({f"{k}: {r}" for c in report["cases"] for k, r in c["skipped"].items()})
     if reasons:
         lines += ["", "null = not run: " + "; ".join(reasons) + "."]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Union
 
 import torch
@@ -36,9 +37,9 @@ class References:
     def count(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
 
-    @property
+    @cached_property
     def sq_norms(self) -> Tensor:
-        """||R_k||^2 over all parameters, fp32 [K]."""
+        """||R_k||^2 over all parameters, fp32 [K] (computed once)."""
         return torch.stack([t.flatten(1).square().sum(dim=1) for t in self.tensors.values()]).sum(dim=0)
 
     def to(self, device: torch.device) -> References:
