@@ -35,15 +35,16 @@ def _as_batches(batch: Batches) -> list[Mapping[str, Tensor]]:
 
 
 def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "trainable", normalize: bool = False,
-                       backend: str = "auto") -> dict[str, Tensor]:
+                       backend: str = "auto", memory_budget_bytes: int = 1 << 30) -> dict[str, Tensor]:
     """The fp32 gradient of the mean per-example loss over a reference batch (or a list of batches, averaged over
     all their examples), as {parameter name: tensor} over the parameters of `params` - the form `grad_dots`,
     `norm_pass(reference=...)` and the reference strategies take. The model is left as found (no `.grad` written,
     modes unchanged); it runs in its current mode (wrap it in `fastsel.utils.eval_mode` for a dropout-free R).
 
     `normalize=True` gives He et al.'s anchor direction instead: the mean over the examples of their unit
-    gradients, (1/N) sum_j grad L_j / ||grad L_j|| (a zero gradient counts as 0). It costs one extra norm pass
-    per batch (same dropout masks in both passes: the RNG is replayed).
+    gradients, (1/N) sum_j grad L_j / ||grad L_j|| (a zero gradient counts as 0): from one norm pass keeping the
+    per-example gradients when they fit in `memory_budget_bytes`, else from a norm pass and a pass of the
+    1/||grad L_j||-weighted loss (same dropout masks in both: the RNG is replayed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -56,8 +57,19 @@ def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "train
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     summed: list[Tensor | None] = [None] * len(targets)
+    numel = sum(t.param.numel() for t in targets)
     for raw, ready in zip(batches, prepared, strict=True):
-        weights = torch.full((ready["input_ids"].shape[0],), 1.0 / total, device=device)
+        rows = ready["input_ids"].shape[0]
+        if normalize and rows * numel * 4 <= memory_budget_bytes:  # one pass: the unit per-example gradients
+            measured = norm_pass(raw, model, backend="torch" if backend == "naive" else backend, targets=targets,
+                                 keep_grads=True)
+            unit = torch.where(measured.norms > 0, 1.0 / measured.norms.clamp_min(torch.finfo(torch.float32).tiny),
+                               0.0) / total
+            for j, t in enumerate(targets):
+                g = torch.tensordot(unit, measured.per_example_grads[t.name].float(), dims=1)
+                summed[j] = g if summed[j] is None else summed[j] + g
+            continue
+        weights = torch.full((rows,), 1.0 / total, device=device)
         with torch.random.fork_rng(devices=rng_devices, enabled=normalize):
             if normalize:  # this pass's dropout masks are replayed by the weighted pass below
                 norms = norm_pass(raw, model, backend="torch" if backend == "naive" else backend,

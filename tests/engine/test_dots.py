@@ -240,12 +240,13 @@ def test_reference_gradient_normalized_is_the_mean_unit_gradient() -> None:
     model.train()
     batch = make_batch([6, 9, 4], seed=3)
     torch.manual_seed(11)
-    got = fastsel.reference_gradient(batch, model, normalize=True)
-    torch.manual_seed(11)
     kept = norm_pass(batch, model, backend="torch", keep_grads=True)  # the same masks: same seed, one forward
-    for name, grads in kept.per_example_grads.items():
-        expected = (grads / kept.norms.view(-1, *[1] * (grads.dim() - 1))).mean(0)
-        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7)
+    for budget in (1 << 30, 0):  # one pass keeping per-example gradients; norm pass + weighted pass
+        torch.manual_seed(11)
+        got = fastsel.reference_gradient(batch, model, normalize=True, memory_budget_bytes=budget)
+        for name, grads in kept.per_example_grads.items():
+            expected = (grads / kept.norms.view(-1, *[1] * (grads.dim() - 1))).mean(0)
+            torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -275,3 +276,12 @@ def test_bad_references_raise_naming_the_parameter_and_leave_the_model_as_found(
         assert_same(before, model)
     with pytest.raises(KeyError, match="no gradient for trainable parameter 'model.embed_tokens.weight'"):
         fastsel.grad_dots(make_batch([5, 7]), _full_finetune(tiny_model()), ref)  # a LoRA model's reference
+
+
+def test_reference_gradient_normalized_one_pass_equals_two_passes() -> None:
+    model = lora(tiny_model())
+    parts = [make_batch([6, 9, 4], seed=3), make_batch([5, 7], seed=4)]
+    one = fastsel.reference_gradient(parts, model, normalize=True)
+    two = fastsel.reference_gradient(parts, model, normalize=True, memory_budget_bytes=0)
+    for name, value in one.items():
+        torch.testing.assert_close(value, two[name], rtol=1e-4, atol=1e-8)
