@@ -102,10 +102,12 @@ def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def test_trainable_untied_embeddings_with_lora() -> None:
-    model = lora(tiny_model())
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_embeddings_with_lora(tie: bool) -> None:
+    model = lora(tiny_model("qwen2", tie=tie))
     model.base_model.model.model.embed_tokens.weight.requires_grad_(True)
     model.base_model.model.lm_head.weight.requires_grad_(True)
+    assert (model.base_model.model.lm_head.weight is model.base_model.model.model.embed_tokens.weight) == tie
     check_against_naive(make_batch([7, 12, 5], side="left"), model, references(model))
 
 
