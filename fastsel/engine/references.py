@@ -5,7 +5,8 @@ A reference R is a gradient-shaped dict {parameter name: tensor} over exactly th
 references (e.g. harmful and safe anchors) are a list of such dicts; the pass then measures <grad L_i, R_k> for
 every example i and reference k at once. `prepare_references` checks them (keys, shapes, finite values: every
 error names the parameter) before anything runs, so a bad reference leaves the model untouched, and stacks them
-per parameter as one fp32 [K, *shape] tensor on the model's device.
+per parameter as one fp32 [K, *shape] tensor on the model's device. Names match with or without the `module.`
+prefix of a DistributedDataParallel wrapper, so a reference computed on the unwrapped model serves the DDP one.
 """
 
 from __future__ import annotations
@@ -52,19 +53,33 @@ class References:
         return [{n: t[k] for n, t in self.tensors.items()} for k in range(self.count)]
 
 
+def _canonical(name: str) -> str:
+    """A parameter name without DistributedDataParallel's leading `module.` prefix(es)."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _by_target(ref: Mapping[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
+    """`ref` keyed by the targets' own names (keys matched up to the DDP prefix; checked by `_check_keys`)."""
+    canonical = {_canonical(k): v for k, v in ref.items()}
+    return {t.name: canonical[_canonical(t.name)] for t in targets}
+
+
 def _label(k: int, single: bool) -> str:
     return "reference" if single else f"reference[{k}]"
 
 
 def _check_keys(ref: Mapping[str, Tensor], targets: list[Target], label: str) -> None:
     names = [t.name for t in targets]
-    missing = [n for n in names if n not in ref]
+    given = {_canonical(k) for k in ref}
+    missing = [n for n in names if _canonical(n) not in given]
     if missing:
         raise KeyError(f"{label} has no gradient for trainable parameter {missing[0]!r}"
                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: a reference must cover "
                        "exactly the parameters of the pass (fastsel.reference_gradient builds one)")
-    known = set(names)
-    extra = [k for k in ref if k not in known]
+    known = {_canonical(n) for n in names}
+    extra = [k for k in ref if _canonical(k) not in known]
     if extra:
         raise KeyError(f"{label} has a gradient for {extra[0]!r}, which is not a trainable parameter of the pass"
                        f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}")
@@ -78,10 +93,13 @@ def prepare_references(reference: ReferenceLike, targets: list[Target], device: 
     """
     if isinstance(reference, References):
         _check_keys(reference.tensors, targets, "reference")
+        tensors = _by_target(reference.tensors, targets)
         for t in targets:
-            if tuple(reference.tensors[t.name].shape[1:]) != t.shape:
-                raise ValueError(f"reference gradient of {t.name!r} has shape "
-                                 f"{tuple(reference.tensors[t.name].shape[1:])}, the parameter {t.shape}")
+            if tuple(tensors[t.name].shape[1:]) != t.shape:
+                raise ValueError(f"reference gradient of {t.name!r} has shape {tuple(tensors[t.name].shape[1:])}, "
+                                 f"the parameter {t.shape}")
+        if tensors.keys() != reference.tensors.keys():
+            reference = References(tensors, reference.single)
         return reference.to(device)
     single = isinstance(reference, Mapping)
     if single:
@@ -98,6 +116,7 @@ def prepare_references(reference: ReferenceLike, targets: list[Target], device: 
         if not isinstance(ref, Mapping):
             raise TypeError(f"{label} must be a dict {{parameter name: gradient tensor}}, got {type(ref).__name__}")
         _check_keys(ref, targets, label)
+        refs[k] = ref = _by_target(ref, targets)
         for t in targets:
             value = ref[t.name]
             if not isinstance(value, Tensor):
