@@ -86,7 +86,8 @@ def test_resume_continues_with_the_checkpointed_reference(tmp_path) -> None:
     model = lora(tiny_model())
     train(model, rows, max_steps=3, out_dir=str(tmp_path / "cut"), **opts)
     assert (tmp_path / "cut" / "checkpoints" / "step-00000003" / "extra.safetensors").exists()
-    resumed = train(model, rows, max_steps=4, out_dir=str(tmp_path / "cut"), resume=True, **opts)
+    with pytest.warns(UserWarning, match="max_steps"):
+        resumed = train(model, rows, max_steps=4, out_dir=str(tmp_path / "cut"), resume=True, **opts)
     assert resumed.history[-1]["reference_step"] == 2  # not recomputed from the step-3 weights
     for name, value in trainable(whole).items():
         torch.testing.assert_close(trainable(model)[name], value, rtol=1e-6, atol=1e-8)
