@@ -31,120 +31,55 @@ from . import choose_method
 from .gram_norm import gram_launch
 from .launch import Launch
 from .linear_norm import _check_inputs, _native_dot, _prepare_ranges, instantiate_blocks, outer_launch
-from .token_range import example_token_range
+from .token_range import dot_acc, example_token_range, load_tile
 
 _METHODS = ("auto", "instantiate", "project")
 
 
 @triton.jit
 def _instantiate_dot_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    norms_ptr,
-    ref_ptr,
-    dots_ptr,
-    T,
-    M,
-    N,
-    K,
-    B_GROUP,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
-    stride_fg,
-    stride_fk,
-    stride_fm,
-    stride_ob,
-    HAS_RANGE: tl.constexpr,
-    WITH_NORM: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, norms_ptr, ref_ptr, dots_ptr, T, M, N, K, B_GROUP,  # site, ranges, outputs, sizes
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # site and ranges strides
+    stride_fg, stride_fk, stride_fm, stride_ob,  # references [G, K, m, n] (unit n stride), dots [G*B, K]
+    HAS_RANGE: tl.constexpr, WITH_NORM: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (G*B, cdiv(m, BLOCK_M), cdiv(n, BLOCK_N)): tile of G_b; dots[b, k] += <tile, R_k tile> for every k
-    (and norms[b] += ||tile||^2 with WITH_NORM). References: contiguous along n."""
+    (and norms[b] += ||tile||^2 with WITH_NORM)."""
     b = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
     start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_base = x_ptr + b * stride_xb
-    d_base = d_ptr + b * stride_db
-
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
-        d = tl.load(
-            d_base + offs_m[:, None] * stride_dm + offs_t[None, :] * stride_dt,
-            mask=mask_m[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        xt = tl.load(
-            x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-            mask=mask_t[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if NATIVE_DOT:
-            acc = tl.dot(d, xt, acc)
-        else:
-            acc = tl.dot(d.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-
+        dt = load_tile(d_ptr + b * stride_db, offs_m, offs_t, stride_dm, stride_dt, mask_m, mask_t)  # delta^T
+        xt = load_tile(x_ptr + b * stride_xb, offs_t, offs_n, stride_xt, stride_xn, mask_t, mask_n)
+        acc = dot_acc(dt, xt, acc, NATIVE_DOT)
     if WITH_NORM:
         tl.atomic_add(norms_ptr + b, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    ref_base = ref_ptr + (b // B_GROUP) * stride_fg + offs_m[:, None] * stride_fm + offs_n[None, :]
-    for k in range(0, K):
-        rt = tl.load(ref_base + k * stride_fk, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    ref_base = ref_ptr + (b // B_GROUP) * stride_fg
+    for k in range(0, K):  # the R_k tiles, dotted with the G_b tile in registers
+        rt = load_tile(ref_base + k * stride_fk, offs_m, offs_n, stride_fm, 1, mask_m, mask_n)
         tl.atomic_add(dots_ptr + b * stride_ob + k, tl.sum(tl.sum(acc * rt, axis=1), axis=0))
 
 
 @triton.jit
 def _project_dot_kernel(
-    x_ptr,
-    d_ptr,
-    r_ptr,
-    ref_ptr,
-    dots_ptr,
-    T,
-    M,
-    N,
-    B_GROUP,
-    stride_xb,
-    stride_xt,
-    stride_xn,
-    stride_db,
-    stride_dt,
-    stride_dm,
-    stride_rb,
-    stride_fg,
-    stride_fk,
-    stride_fm,
-    stride_ob,
-    HAS_RANGE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, d_ptr, r_ptr, ref_ptr, dots_ptr, T, M, N, B_GROUP,  # site, ranges, references, dots, sizes
+    stride_xb, stride_xt, stride_xn, stride_db, stride_dt, stride_dm, stride_rb,  # site and ranges strides
+    stride_fg, stride_fk, stride_fm, stride_ob,  # references [G, K, m, n] (unit n stride), dots [G*B, K]
+    HAS_RANGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (G*B, K, cdiv(m, BLOCK_M)): dots[b, k] += sum_t delta_t[m-tile] . (R_k[m-tile] x_t)."""
     b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    pid_m = tl.program_id(2)
     start, end = example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    x_base = x_ptr + b * stride_xb
-    d_base = d_ptr + b * stride_db
-    ref_base = ref_ptr + (b // B_GROUP) * stride_fg + k * stride_fk
-
+    ref_base = ref_ptr + (b // B_GROUP) * stride_fg + tl.program_id(1) * stride_fk
     acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -153,24 +88,12 @@ def _project_dot_kernel(
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            xt = tl.load(
-                x_base + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-                mask=mask_t[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            rt = tl.load(  # R_k^T tile [BLOCK_N, BLOCK_M]
-                ref_base + offs_m[None, :] * stride_fm + offs_n[:, None],
-                mask=mask_n[:, None] & mask_m[None, :],
-                other=0.0,
-            )
-            proj = tl.dot(xt.to(tl.float32), rt, proj, input_precision="ieee")
-        d = tl.load(
-            d_base + offs_t[:, None] * stride_dt + offs_m[None, :] * stride_dm,
-            mask=mask_t[:, None] & mask_m[None, :],
-            other=0.0,
-        )
+            xt = load_tile(x_ptr + b * stride_xb, offs_t, offs_n, stride_xt, stride_xn, mask_t, mask_n)
+            rt = load_tile(ref_base, offs_n, offs_m, 1, stride_fm, mask_n, mask_m)  # R_k^T [BLOCK_N, BLOCK_M]
+            proj = dot_acc(xt, rt, proj, False)
+        d = load_tile(d_ptr + b * stride_db, offs_t, offs_m, stride_dt, stride_dm, mask_t, mask_m)
         acc += proj * d.to(tl.float32)
-    tl.atomic_add(dots_ptr + b * stride_ob + k, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.atomic_add(dots_ptr + b * stride_ob + tl.program_id(1), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 # ---------------------------------------------------------------------------------------------- launches

@@ -1,4 +1,4 @@
-"""The one Triton helper the norm kernels share: an example's valid token range [start, end)."""
+"""The Triton helpers the kernels share: an example's valid token range, a masked tile load, an fp32 dot."""
 
 from __future__ import annotations
 
@@ -16,3 +16,21 @@ def example_token_range(r_ptr, b, stride_rb, T, HAS_RANGE: tl.constexpr):
         start = 0
         end = T
     return start, end
+
+
+@triton.jit
+def load_tile(base, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
+    """The tile base[offs_r * stride_r + offs_c * stride_c] ([len(offs_r), len(offs_c)]), zero where masked."""
+    return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+
+
+@triton.jit
+def dot_acc(a, b, acc, NATIVE_DOT: tl.constexpr):
+    """acc + a @ b in fp32: 16-bit tiles as they are (products exact in fp32, tensor cores), else cast to fp32
+    and multiplied in "ieee" precision (no tf32 rounding)."""
+    if NATIVE_DOT:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return acc
