@@ -1,7 +1,8 @@
 """fastsel: exact per-example gradient norms in one batched backward, and gradient-based sample selection
 (Moderate-G, Bach et al. 2026) for keeping LLMs safe while they are fine-tuned.
 
-Public API: `grad_norms`, `select`, `Selection`, `backends`; training: `selective_backward`, `train`.
+Public API: `grad_norms`, `select`, `Selection`, `backends`; gradient alignment: `reference_gradient`,
+`grad_dots`, `norm_pass(..., reference=R)`; training: `selective_backward`, `train`.
 Nothing registers itself as an import side effect; heavy modules load on first use.
 """
 
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "grad_norms": ("fastsel.engine.norms", "grad_norms"),
     "norm_pass": ("fastsel.engine.norms", "norm_pass"),
+    "grad_dots": ("fastsel.engine.alignment", "grad_dots"),
+    "reference_gradient": ("fastsel.engine.alignment", "reference_gradient"),
     "select": ("fastsel.selection.rules", "select"),
     "select_indices": ("fastsel.selection.rules", "select_indices"),
     "Selection": ("fastsel.selection.rules", "Selection"),

@@ -4,7 +4,9 @@ One op per file, Liger-Kernel style, kernel and launcher side by side:
 
 - `linear_norm.py`: instantiate-in-registers and T == 1 kernels, and the `linear_sq_norms` launcher;
 - `gram_norm.py`: the Gram ("ghost") kernel for short T and large m*n;
-- `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch.
+- `grouped.py`: `grouped_linear_sq_norms`, all same-shape sites of a model in one launch;
+- `linear_dot.py`: per-example gradient dots <G_i, R_k> with reference gradients (fused with the instantiate
+  norm, or the per-token delta^T R x contraction), per site and grouped.
 
 Every kernel reduces over examples given as token segments (row, start, end) of the rows: one per row (padded), or
 several per row (packed, padding-free rows; `segments` or `cu_seqlens`), so packed batches need no padding.
@@ -23,8 +25,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "installed", "interpreted", "linear_sq_norms",
-           "segments_from_cu_seqlens"]
+__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "grouped_linear_sq_norms_dots", "installed",
+           "interpreted", "linear_dots", "linear_sq_norms", "linear_sq_norms_dots", "segments_from_cu_seqlens"]
 
 _TRITON_OK: bool | None = None
 
@@ -79,10 +81,13 @@ def _module(name: str) -> ModuleType:
 
 
 # Public kernel entry points, forwarded lazily to the module that defines them (whose docstrings are theirs):
-# `linear_sq_norms(x, delta, *, method, write_grads, valid_range, segments, cu_seqlens, max_length)` and
-# `grouped_linear_sq_norms(xs, deltas, *, method, valid_range, segments, max_length)`.
+# `linear_sq_norms(x, delta, *, method, write_grads, valid_range, segments, cu_seqlens, max_length)`,
+# `grouped_linear_sq_norms(xs, deltas, *, method, valid_range, segments, max_length)`, and the gradient dots
+# `linear_sq_norms_dots(x, delta, refs, *, method, valid_range, segments, max_length)`, `linear_dots(...)` and
+# `grouped_linear_sq_norms_dots(xs, deltas, refs, *, valid_range, segments, max_length)`.
 _FORWARDED = {"linear_sq_norms": "linear_norm", "grouped_linear_sq_norms": "grouped",
-              "segments_from_cu_seqlens": "linear_norm"}
+              "segments_from_cu_seqlens": "linear_norm", "linear_sq_norms_dots": "linear_dot",
+              "linear_dots": "linear_dot", "grouped_linear_sq_norms_dots": "linear_dot"}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,8 @@ memory and stack a thread (register spills), shared memory. It says nothing abou
 
     python -m fastsel.kernels.aot --arch 80 90 --out benchmarks/results/kernels-aot.json
 
+The sweep covers the norm kernels and the dot kernels of the reference-gradient pass (`linear_dot.py`).
+
 Needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
 """
 
@@ -60,10 +62,12 @@ class Site:
     write_grads: bool = False
     segments: int = 0
     max_length: int | None = None
+    dots: int = 0  # K > 0: the dot launch of the site with K references (method 'instantiate' or 'project')
 
 
 def site_launch(site: Site, batch: int = 2) -> Launch:
-    """The Launch `linear_sq_norms` would make for `site`, built on meta tensors (nothing allocated or run)."""
+    """The Launch `linear_sq_norms` (or, for a dot site, `linear_sq_norms_dots` / `linear_dots`) would make for
+    `site`, built on meta tensors (nothing allocated or run)."""
     from . import choose_method, linear_norm
 
     x = torch.empty((batch, site.t, site.n), dtype=_DTYPES[site.x_dtype], device="meta")
@@ -72,6 +76,8 @@ def site_launch(site: Site, batch: int = 2) -> Launch:
     norms = torch.zeros(count, dtype=torch.float32, device="meta")
     ranges = torch.zeros((count, 3), dtype=torch.int32, device="meta") if site.has_range or site.segments else None
     length = site.max_length if site.segments else None
+    if site.dots:
+        return _dot_launch(site, x, delta, norms, ranges, count)
     method = site.method
     if method == "auto":
         method = "instantiate" if site.write_grads else choose_method(length or site.t, site.m, site.n)
@@ -83,6 +89,37 @@ def site_launch(site: Site, batch: int = 2) -> Launch:
 
         return gram_launch(x, delta, norms, ranges, linear_norm._native_dot(x, delta), max_length=length)
     return linear_norm.outer_launch(x, delta, norms, ranges)
+
+
+def _dot_launch(site: Site, x: torch.Tensor, delta: torch.Tensor, norms: torch.Tensor,
+                ranges: torch.Tensor | None, batch: int) -> Launch:
+    """A dot site's launch: the fused instantiate (norm + dots) or the project kernel, as `linear_dot` makes it."""
+    from . import linear_dot
+
+    refs = torch.empty((1, site.dots, site.m, site.n), dtype=torch.float32, device="meta")
+    dots = torch.zeros((batch, site.dots), dtype=torch.float32, device="meta")
+    if site.method == "instantiate":
+        return linear_dot.instantiate_dot_launch(x, delta, refs, dots, norms, ranges, batch)
+    if site.method == "project":
+        return linear_dot.project_dot_launch(x, delta, refs, dots, ranges, batch)
+    raise ValueError(f"a dot site's method is 'instantiate' or 'project', got {site.method!r}")
+
+
+def dot_sites(model: str, hidden: int, outs: Iterable[int], ranks: Iterable[int], ts: Iterable[int],
+              dtypes: Iterable[tuple[str, str]]) -> Iterator[Site]:
+    """The dot pass's launches for a model's LoRA sites (fused instantiate, K = 1 and 2) and its full
+    fine-tuning sites (project, beside the Gram norm)."""
+    for t in ts:
+        for xd, dd in dtypes:
+            for k in (1, 2):
+                for r in ranks:
+                    yield Site(f"{model} dots lora_A r={r} T={t} K={k}", t, r, hidden, xd, dd, "instantiate",
+                               True, dots=k)
+                    for out in outs:
+                        yield Site(f"{model} dots lora_B d_out={out} r={r} T={t} K={k}", t, out, r, xd, dd,
+                                   "instantiate", True, dots=k)
+                yield Site(f"{model} dots full q_proj T={t} K={k} (project)", t, hidden, hidden, xd, dd, "project",
+                           True, dots=k)
 
 
 def _specialize(arg: Any) -> tuple[str, str]:
@@ -207,6 +244,13 @@ def default_sites(quick: bool = False) -> list[Site]:
                  segments=16, max_length=512),
             Site("smollm2 packed full q_proj 16 seqs <= 96 tokens (gram)", 1024, 576, 576, "bfloat16", "bfloat16",
                  "gram", segments=16, max_length=96),
+            Site("7b dots lora_B r=16 T=512 bf16 K=2", 512, 11008, 16, "bfloat16", "bfloat16", "instantiate",
+                 dots=2),
+            Site("smollm2 dots lora_A r=64 T=128 fp32 K=1", 128, 64, 576, method="instantiate", dots=1),
+            Site("7b dots full o_proj T=512 bf16 K=2 (project)", 512, 4096, 4096, "bfloat16", "bfloat16",
+                 "project", dots=2),
+            Site("smollm2 packed dots lora_A r=16 bf16 K=2", 4096, 16, 576, "bfloat16", "bfloat16", "instantiate",
+                 segments=16, max_length=512, dots=2),
         ]
     dtypes = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32")]
     sites = list(lora_sites("smollm2", 576, (576, 192, 1536), (1, 16, 32, 64, 128), (16, 32, 512), dtypes))
@@ -223,6 +267,8 @@ def default_sites(quick: bool = False) -> list[Site]:
                               max_length=512, write_grads=True))
         sites.append(Site("smollm2 packed full q_proj (gram)", 4096, 576, 576, xd, dd, "gram", segments=16,
                           max_length=96))
+    sites += dot_sites("smollm2", 576, (576, 1536), (16, 64), (32, 512), dtypes[:2])
+    sites += dot_sites("7b", 4096, (4096, 11008), (16,), (512,), dtypes[:2])
     return sites
 
 

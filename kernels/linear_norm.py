@@ -222,6 +222,17 @@ def instantiate_blocks(t: int, m: int, n: int, native_dot: bool = True) -> tuple
 # ---------------------------------------------------------------------------------------------- per-form launches
 
 
+def instantiate_setup(x: Tensor, delta: Tensor, blocks: tuple[int, int, int] | None = None,
+                      ) -> tuple[bool, tuple[int, int, int, int]]:
+    """(native 16-bit dot, (BLOCK_T, BLOCK_M, BLOCK_N, num_warps)) of an instantiate-form launch (the norm's, and
+    the fused norm + dots of `linear_dot.py`); `blocks` overrides the block sizes (tests)."""
+    native = _native_dot(x, delta)
+    bt, bm, bn, warps = instantiate_blocks(x.shape[1], delta.shape[2], x.shape[2], native)
+    if blocks is not None:
+        bt, bm, bn = blocks
+    return native, (bt, bm, bn, warps)
+
+
 def instantiate_launch(
     x: Tensor,
     delta: Tensor,
@@ -231,11 +242,8 @@ def instantiate_launch(
     blocks: tuple[int, int, int] | None = None,
 ) -> Launch:
     """The instantiate-form launch adding ||G_i||^2 into `norms` (zeroed fp32 [S]) and, with `grads`, writing G_i."""
-    t, n, m = x.shape[1], x.shape[2], delta.shape[2]
-    native = _native_dot(x, delta)
-    bt, bm, bn, warps = instantiate_blocks(t, m, n, native)
-    if blocks is not None:
-        bt, bm, bn = blocks
+    native, (bt, bm, bn, warps) = instantiate_setup(x, delta, blocks)
+    m, n = delta.shape[2], x.shape[2]
     g = grads if grads is not None else norms  # placeholder pointer when WRITE_GRADS is False
     args = (*site_args(x, delta, ranges, norms), g, g.stride(0) if grads is not None else 0,
             g.stride(1) if grads is not None else 0)
@@ -321,5 +329,5 @@ def linear_sq_norms(
     return norms, grads
 
 
-__all__ = ["instantiate_blocks", "instantiate_launch", "linear_sq_norms", "outer_block", "outer_launch",
+__all__ = ["instantiate_blocks", "instantiate_launch", "instantiate_setup", "linear_sq_norms", "outer_block", "outer_launch",
            "segments_from_cu_seqlens"]

@@ -1,5 +1,6 @@
 """The methods `fastsel bench` compares on one batch: the plain step (the floor), fastsel's norm pass, the naive
-per-example loop, torch.func vmap(grad) and Opacus ghost clipping. Each returns [B] norms (plain: nothing).
+per-example loop, torch.func vmap(grad) and Opacus ghost clipping, and fastsel's norm pass with two reference
+gradients (norms + dots in the same pass: the `*_dots` methods). Each returns [B] norms (plain: nothing).
 
 The `*_packed` methods get the same examples packed padding-free (one example per sequence, same order):
 `PACKED_METHODS`. The peers (naive, vmap, Opacus) take the padded batch: their per-sample dimension is the batch
@@ -47,24 +48,50 @@ def naive_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
     return norm_pass(batch, model, backend="naive").norms
 
 
-def fastsel_norms(backend: str) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
-    """fastsel's one batched pass with the given backend."""
+def fastsel_norms(backend: str, dots: bool = False) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
+    """fastsel's one batched pass with the given backend (with `dots`: norms and dots with `bench_references` in
+    the same pass; the norms are returned)."""
 
     def run(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
         from fastsel.engine.kernel_selftest import KernelSelfTestError
         from fastsel.engine.norms import norm_pass
 
         if backend == "triton":
-            from fastsel import kernels
-
-            if not (torch.cuda.is_available() and model_device(model).type == "cuda" and kernels.available()):
-                raise Unavailable(NO_TRITON_CPU if model_device(model).type == "cpu" else "triton not available")
+            _require_triton(model)
         try:
-            return norm_pass(batch, model, backend=backend).norms
+            return norm_pass(batch, model, backend=backend, reference=bench_references(model) if dots else None).norms
         except KernelSelfTestError as e:  # a kernel family failed its first-use self-test: null, with the reason
             raise Unavailable(str(e)) from e
 
     return run
+
+
+def _require_triton(model: nn.Module) -> None:
+    """The compiled Triton kernels need a CUDA model (the interpreter is not benchmarked)."""
+    from fastsel import kernels
+
+    if not (torch.cuda.is_available() and model_device(model).type == "cuda" and kernels.available()):
+        raise Unavailable(NO_TRITON_CPU if model_device(model).type == "cpu" else "triton not available")
+
+
+DOT_REFERENCES = 2  # e.g. harmful and safe anchors (harmful_similarity)
+
+
+def bench_references(model: nn.Module, seed: int = 0) -> Any:
+    """`DOT_REFERENCES` fixed random reference gradients over the trainable parameters, checked and stacked once
+    and cached on the model (the bench's own): what a training loop holds between reference refreshes, so the
+    timed pass is the dot pass alone (any values time the same)."""
+    cached = getattr(model, "_fastsel_bench_references", None)
+    if cached is None:
+        from fastsel.engine.references import prepare_references
+        from fastsel.engine.targets import find_targets
+
+        g = torch.Generator().manual_seed(seed)
+        refs = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if p.requires_grad}
+                for _ in range(DOT_REFERENCES)]
+        cached = prepare_references(refs, find_targets(model), model_device(model))
+        model._fastsel_bench_references = cached
+    return cached
 
 
 def vmap_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
@@ -163,6 +190,8 @@ METHOD_FNS: dict[str, Callable[..., Any]] = {
     "naive": naive_norms,
     "vmap": vmap_norms,
     "opacus": opacus_norms,
+    "fastsel_torch_dots": fastsel_norms("torch", dots=True),
+    "fastsel_triton_dots": fastsel_norms("triton", dots=True),
 }
 PACKED_METHODS = ("plain_packed", "fastsel_torch_packed", "fastsel_triton_packed")
 

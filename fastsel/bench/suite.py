@@ -8,7 +8,9 @@ template, loss on the response). Every case's examples run both padded (one per 
 For each shape one batch goes through every method on identical inputs; the norms are CHECKED EQUAL (relative
 difference <= 1e-4 in fp32) before any time is taken, and a disagreement fails the run naming the method. Then each
 method is timed (warmup, median over repeats with IQR and min/max; CUDA synchronized) beside a plain batched
-forward+backward of the same batch (the floor), with its peak memory. Training overheads: one epoch of Moderate-G
+forward+backward of the same batch (the floor), with its peak memory; fastsel's pass with two reference gradients
+(norms and dots in one pass, dots checked against the naive oracle first) gives `norm_dots_over_norm_pass`.
+Training overheads: one epoch of Moderate-G
 vs one full-batch epoch over the same batches, and the single-pass vs two-pass `selective_backward` step.
 
 Results go to `<out>/<device slug>-<yyyymmdd>.json`; `markdown_table(path)` renders one as Markdown.
@@ -31,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.bench.baselines import METHOD_FNS, NO_TRITON_CPU, PACKED_METHODS, Unavailable, zero_grads
+from fastsel.bench.baselines import (
+    METHOD_FNS,
+    NO_TRITON_CPU,
+    PACKED_METHODS,
+    Unavailable,
+    bench_references,
+    zero_grads,
+)
 from fastsel.bench.checks import BenchMismatch, check_agreement
 from fastsel.bench.output import (
     device_name,
@@ -47,25 +56,26 @@ from fastsel.engine.batch import collate, pack
 from fastsel.engine.model_io import supports_packing
 
 METHODS = ("plain", "plain_packed", "fastsel_torch", "fastsel_torch_packed", "fastsel_triton", "fastsel_triton_packed",
-           "naive", "vmap", "opacus")
+           "fastsel_torch_dots", "fastsel_triton_dots", "naive", "vmap", "opacus")
 NORM_METHODS = tuple(m for m in METHODS if not m.startswith("plain"))
-TRITON_METHODS = ("fastsel_triton", "fastsel_triton_packed")
+TRITON_METHODS = ("fastsel_triton", "fastsel_triton_packed", "fastsel_triton_dots")
 SLOW_METHODS = ("naive", "vmap", "opacus")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max relative difference of the norms between methods
+DOT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max |dots - naive dots| / max |naive dots|
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INSTRUCT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")  # interleaved: uneven lengths, as instruction data has
 NO_PACKING = "the model cannot take packed rows (no position_ids, or the packing probe saw sequences mix)"
 TARGETS = {  # measured vs target in the table; never asserted. (op, value[, shortest T the target is meant for])
     "cpu": {"norm_pass_over_plain": ("<=", 1.10), "packed_norm_pass_over_plain_packed": ("<=", 1.05),
             "packed_norm_pass_over_plain": ("<=", 0.90), "naive_over_fastsel": (">=", 1.3),
-            "opacus_over_fastsel": (">=", 1.4, 256)},
+            "opacus_over_fastsel": (">=", 1.4, 256), "norm_dots_over_norm_pass": ("<=", 1.02)},
     "cuda": {"norm_pass_over_plain": ("<=", 1.05), "packed_norm_pass_over_plain_packed": ("<=", 1.05),
              "moderate_epoch_over_full_epoch": ("<=", 1.05), "peak_mem_over_plain": ("<=", 1.10),
-             "naive_over_fastsel": (">=", 10.0)},
+             "naive_over_fastsel": (">=", 10.0), "norm_dots_over_norm_pass": ("<=", 1.02)},
 }
 CASE_RATIOS = ("norm_pass_over_plain", "packed_norm_pass_over_plain_packed", "packed_norm_pass_over_plain",
                "plain_packed_over_plain", "naive_over_fastsel", "opacus_over_fastsel", "vmap_over_fastsel",
-               "peak_mem_over_plain")
+               "peak_mem_over_plain", "norm_dots_over_norm_pass")
 TRAINING_RATIOS = ("moderate_epoch_over_full_epoch", "single_pass_step_over_two_pass_step")
 RATIO_KEYS = CASE_RATIOS + TRAINING_RATIOS
 
@@ -410,6 +420,8 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
         sub = {k: v[rows[ref_name]] for k, v in batch.items()}
         norms[ref_name] = METHOD_FNS["naive"](sub, model).detach().float().cpu()
     diffs = check_agreement(norms, rows, tol)
+    dot_diffs = check_dots(batch, model, [n for n in ("fastsel_torch_dots", "fastsel_triton_dots") if n in results],
+                           DOT_TOLERANCE[case.dtype])
     # 2. timings
     groups: dict[tuple[int, int], dict[str, Callable[[], Any]]] = {}
     for name in results:
@@ -421,6 +433,8 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     for name in results:
         if name in diffs:
             results[name]["max_rel_diff_vs_others"] = diffs[name]
+        if name in dot_diffs:
+            results[name]["dots_max_rel_diff_vs_naive"] = dot_diffs[name]
         log(f"  {name:<15} {results[name]['median_s'] * 1e3:10.2f} ms")
     for name, reason in skipped.items():
         log(f"  {name:<15} {'null':>10}    ({reason})")
@@ -428,6 +442,27 @@ def run_case(case: Case, cache: ModelCache, plan: Plan, log: Callable[[str], Non
     return {**asdict(case), "label": case.label, "tolerance": tol, "reference": ref_name, "tokens": tokens_from,
             "lengths": batch["attention_mask"].sum(1).tolist(), "packed_shape": list(batches["packed"]["input_ids"].shape),
             "methods": methods, "skipped": skipped}
+
+
+def check_dots(batch: Mapping[str, Tensor], model: nn.Module, methods: list[str], tol: float) -> dict[str, float]:
+    """The dot methods' <grad L_i, R_k> on the first two rows against the naive oracle's, before any timing:
+    max |dots - naive| / max |naive| <= tol, else BenchMismatch naming the method."""
+    if not methods:
+        return {}
+    from fastsel.engine.norms import norm_pass
+
+    refs = bench_references(model)
+    sub = {k: v[: min(2, v.shape[0])] for k, v in batch.items()}
+    expected = norm_pass(sub, model, backend="naive", reference=refs).dots.float().cpu()
+    out = {}
+    for name in methods:
+        backend = "triton" if "triton" in name else "torch"
+        got = norm_pass(sub, model, backend=backend, reference=refs).dots.float().cpu()
+        out[name] = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        if out[name] > tol:
+            raise BenchMismatch(f"method {name!r} disagrees with the naive dots: max relative difference "
+                                f"{out[name]:.3e}; tolerance {tol:g}")
+    return out
 
 
 def _restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -540,6 +575,7 @@ def compute_ratios(report: Mapping[str, Any]) -> dict[str, Any]:
             put(f"{peer}_over_fastsel", t[peer], t[best], why(peer, best))
         put("peak_mem_over_plain", _median(m.get(best), "peak_mem_bytes"),
             _median(m.get(plain_of_best), "peak_mem_bytes"), "peak memory not measurable here")
+        put("norm_dots_over_norm_pass", t.get(fast_pad + "_dots"), t[fast_pad], why(fast_pad + "_dots", fast_pad))
     tr = report.get("training")
     reason = "no training case in this run"
     put("moderate_epoch_over_full_epoch", _median(tr and tr["moderate_epoch"]), _median(tr and tr["full_epoch"]),
@@ -633,10 +669,11 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
         shown = fmt_ratio(value) if value is not None else f"null ({ratios.get(key + '_reason', '')})"
         lines.append(f"| `{key}` | {shown} | {tgt} | {verdict} |")
     lines += ["", "fastsel = the `torch` backend (`triton` where it ran). Tokens: the examples' tokens and the "
-              "padded batch's fill; packed = the same examples back to back, padding-free.", "",
+              "padded batch's fill; packed = the same examples back to back, padding-free; norm+dots = the norm "
+              "pass with two reference gradients (padded).", "",
               "| case | tokens (fill) | plain | plain packed | fastsel | fastsel packed | naive | vmap | opacus | "
-              "fastsel/plain | packed: fastsel/plain | peak mem fastsel/plain |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fastsel/plain | packed: fastsel/plain | peak mem fastsel/plain | norm+dots/norm |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         m = c["methods"]
         pad, packed = _fastsel_names(m)
@@ -644,7 +681,8 @@ def markdown_table(path: str | os.PathLike[str]) -> str:
         lines.append(f"| {c['label']}{' **(headline)**' if c.get('headline') else ''} | {_fill(c)} | "
                      f"{' | '.join(cells)} | {_over(m.get(pad), m.get('plain'))} | "
                      f"{_over(m.get(packed), m.get('plain_packed'))} | "
-                     f"{_over(m.get(pad), m.get('plain'), 'peak_mem_bytes')} |")
+                     f"{_over(m.get(pad), m.get('plain'), 'peak_mem_bytes')} | "
+                     f"{_over(m.get(pad + '_dots'), m.get(pad))} |")
     reasons = sorted({f"{k}: {r}" for c in report["cases"] for k, r in c["skipped"].items()})
     if reasons:
         lines += ["", "null = not run: " + "; ".join(reasons) + "."]

@@ -6,6 +6,9 @@ gradient nor its activations outlive the hook. A parameter fed by several calls 
 reentrant checkpointing) needs the norm of the *sum* of its contributions: they are summed as per-example gradients
 when those are small enough, otherwise kept and combined by the Gram form with all cross terms.
 
+With reference gradients (the dot pass) each call also adds its exact <G_i, R_k> (`fastsel.engine.dot_math`): dots
+are linear, so the calls' dots simply add, or come from the summed per-example gradients when those are built.
+
 Contributions are written as G = sum_t a_t b_t^T over the parameter's [rows, cols] shape:
 - Linear weight [out, in]: a = output-grad, b = input;
 - Embedding weight [V, d]: a = one-hot(token id) (kept as ids), b = output-grad;
@@ -23,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastsel.engine import linear_math
+from fastsel.engine import dot_math, linear_math
 from fastsel.engine.segments import Segments
 
 # Largest per-example gradient buffer (bytes) a parameter may instantiate when it is fed by several calls.
@@ -32,6 +35,10 @@ INSTANTIATE_BUDGET_BYTES = 256 * 2**20
 LinearSqNorms = Callable[[Tensor, Tensor], Tensor]
 GroupedSqNorms = Callable[[list[Tensor], list[Tensor]], Tensor]
 LinearGrads = Callable[[Tensor, Tensor], Tensor]  # (input, output-grad) -> per-example gradients [B, out, in]
+# (input, output-grad, references [K, out, in]) -> (squared norms [B], dots [B, K]) of a direct Linear site
+LinearSqNormsDots = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+LinearDots = Callable[[Tensor, Tensor, Tensor], Tensor]  # (input, output-grad, references) -> dots [B, K]
+GroupedSqNormsDots = Callable[[list[Tensor], list[Tensor], list[Tensor]], tuple[Tensor, Tensor]]
 
 
 def as_sequence(t: Tensor, batch_size: int, what: str) -> Tensor:
@@ -77,14 +84,24 @@ def segment_mixed_gram_sq_norms(sites: list[tuple[Tensor, Tensor]], segments: Se
                       for r, s, e in segments.spans])
 
 
-def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: GroupedSqNorms) -> None:
-    """Launch all deferred direct Linear sites at once (grouped by shape inside `grouped_sq_norms`)."""
-    waiting = [acc for acc in accumulators if acc.deferred is not None]
-    if not waiting:
-        return
-    results = grouped_sq_norms([acc.deferred[0] for acc in waiting], [acc.deferred[1] for acc in waiting])
-    for acc, sq in zip(waiting, results, strict=True):
-        acc.sq, acc.deferred = sq, None
+def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: GroupedSqNorms,
+                     grouped_sq_norms_dots: GroupedSqNormsDots | None = None) -> None:
+    """Launch all deferred direct Linear sites at once (grouped by shape inside `grouped_sq_norms`; sites with
+    references through `grouped_sq_norms_dots`, which also returns their dots)."""
+    waiting = [acc for acc in accumulators if acc.deferred is not None and acc.refs is None]
+    if waiting:
+        results = grouped_sq_norms([acc.deferred[0] for acc in waiting], [acc.deferred[1] for acc in waiting])
+        for acc, sq in zip(waiting, results, strict=True):
+            acc.sq, acc.deferred = sq, None
+    with_refs = [acc for acc in accumulators if acc.deferred is not None]
+    if with_refs:
+        if grouped_sq_norms_dots is None:
+            raise RuntimeError("internal error: deferred sites with references but no grouped dot function")
+        sqs, dots = grouped_sq_norms_dots([acc.deferred[0] for acc in with_refs],
+                                          [acc.deferred[1] for acc in with_refs], [acc.refs for acc in with_refs])
+        for acc, sq, dot in zip(with_refs, sqs, dots, strict=True):
+            acc.sq, acc.deferred = sq, None
+            acc._add_dots(dot)
 
 
 def embedding_grads(ids: Tensor, delta: Tensor, num_rows: int, segments: Segments | None = None) -> Tensor:
@@ -108,7 +125,9 @@ class ParamAccumulator:
 
     def __init__(self, shape: tuple[int, ...], segments: Segments, expected_calls: int, keep_grads: bool,
                  linear_sq_norms: LinearSqNorms, defer: bool = False,
-                 linear_grads: LinearGrads = linear_math.per_example_grads) -> None:
+                 linear_grads: LinearGrads = linear_math.per_example_grads, refs: Tensor | None = None,
+                 linear_sq_norms_dots: LinearSqNormsDots = dot_math.sq_norms_and_dots,
+                 linear_dots: LinearDots = dot_math.linear_dots) -> None:
         self.shape = shape
         self.segments = segments
         self.batch_size = segments.num_rows  # rows of the module inputs; examples: len(segments)
@@ -122,6 +141,10 @@ class ParamAccumulator:
         self.sq: Tensor | None = None  # direct mode result
         self.grads: Tensor | None = None  # summed per-example gradients [B, *shape] (fp32)
         self.sites: list[tuple[Tensor, Tensor]] = []  # kept (a, b) factors for the mixed Gram form
+        self.refs = refs  # [K, *shape] fp32 reference gradients (dot pass), or None
+        self.linear_sq_norms_dots = linear_sq_norms_dots
+        self.linear_dots = linear_dots
+        self.dots_sum: Tensor | None = None  # [B, K] dots of the calls not kept as per-example gradients
         numel = 1
         for s in shape:
             numel *= s
@@ -134,6 +157,15 @@ class ParamAccumulator:
 
     def _add_grads(self, g: Tensor) -> None:
         self.grads = g if self.grads is None else self.grads + g
+
+    def _add_dots(self, d: Tensor) -> None:
+        self.dots_sum = d if self.dots_sum is None else self.dots_sum + d
+
+    def _call_dots(self, role: str, a: Tensor, b: Tensor) -> Tensor:
+        """This call's <G_i, R_k> [B, K] without its per-example gradient (roles as in `add`)."""
+        if role == "linear.weight":
+            return self.linear_dots(b, a, self.refs)
+        return dot_math.reduce_tokens(dot_math.embedding_token_dots(a, b, self.refs), self.segments)
 
     def add(self, role: str, inp: Tensor, grad_out: Tensor) -> None:
         """Take one module call's contribution (role: 'linear.weight', 'linear.bias' or 'embedding.weight')."""
@@ -155,17 +187,24 @@ class ParamAccumulator:
             raise ValueError(f"unknown parameter role {role!r}")
         if self.direct and role == "linear.weight" and self.defer:
             self.deferred = (b, a)
+        elif self.direct and role == "linear.weight" and self.refs is not None:
+            self.sq, dots = self.linear_sq_norms_dots(b, a, self.refs)
+            self._add_dots(dots)
         elif self.direct and role == "linear.weight":
             self.sq = self.linear_sq_norms(b, a)
         elif self.direct and not self.instantiate_ok:
             self.sq = self._mixed_gram([(a, b)])
-        elif self.instantiate_ok:
+            if self.refs is not None:
+                self._add_dots(self._call_dots(role, a, b))
+        elif self.instantiate_ok:  # dots, if any, from the summed gradients in `dots()`
             if role == "linear.weight":
                 self._add_grads(self.linear_grads(b, a))
             else:
                 self._add_grads(embedding_grads(a, b, self.shape[0], self.segments))
         else:
             self.sites.append((a, b))
+            if self.refs is not None:
+                self._add_dots(self._call_dots(role, a, b))
 
     def sq_norms(self) -> Tensor | None:
         """[B] fp32 squared norms, or None if no call contributed."""
@@ -184,13 +223,26 @@ class ParamAccumulator:
             raise RuntimeError("internal error: a parameter mixed direct and accumulated contributions")
         return parts[0]
 
+    def dots(self) -> Tensor | None:
+        """[B, K] fp32 dots with the references, or None if no call contributed (or no references)."""
+        if self.refs is None:
+            return None
+        if self.deferred is not None:
+            raise RuntimeError("internal error: a deferred site was never launched")
+        total = self.dots_sum
+        if self.grads is not None:
+            from_grads = dot_math.grads_dots(self.grads, self.refs)
+            total = from_grads if total is None else total + from_grads
+        return total
+
 
 class RowSplit:
     """Two accumulators of one parameter over complementary examples: per-example gradients kept for `keep`
-    (examples that can still be selected), squared norms only for the rest, so every example's norm is exactly
-    what one accumulator over all examples would give. `by_row` (padded batches): each module call's input and
-    output gradient are split by row. Otherwise (packed batches, where a row holds several examples) both
-    accumulators see the whole rows and their Segments (`Segments.subset`) pick each one's sequences' tokens."""
+    (examples that can still be selected), squared norms (and dots) only for the rest, so every example's norm is
+    exactly what one accumulator over all examples would give. `by_row` (padded batches): each module call's
+    input and output gradient are split by row. Otherwise (packed batches, where a row holds several examples)
+    both accumulators see the whole rows and their Segments (`Segments.subset`) pick each one's sequences'
+    tokens."""
 
     def __init__(self, keep: Tensor, rest: Tensor, kept: ParamAccumulator, others: ParamAccumulator, *,
                  by_row: bool = True) -> None:
@@ -207,18 +259,25 @@ class RowSplit:
         self.kept.add(role, inp.index_select(0, keep.to(inp.device)), grad_out.index_select(0, keep))
         self.others.add(role, inp.index_select(0, rest.to(inp.device)), grad_out.index_select(0, rest))
 
-    def sq_norms(self) -> Tensor | None:
-        """[B] fp32 squared norms of all examples (None if no call contributed)."""
-        kept, others = self.kept.sq_norms(), self.others.sq_norms()
+    def _merge(self, kept: Tensor | None, others: Tensor | None) -> Tensor | None:
+        """Per-example values of the two halves ([n, *]) put back in example order ([B, *])."""
         if kept is None and others is None:
             return None
         ref = kept if kept is not None else others
-        out = ref.new_zeros(self.keep.numel() + self.rest.numel())
+        out = ref.new_zeros((self.keep.numel() + self.rest.numel(), *ref.shape[1:]))
         if kept is not None:
             out[self.keep.to(out.device)] = kept
         if others is not None:
             out[self.rest.to(out.device)] = others
         return out
+
+    def sq_norms(self) -> Tensor | None:
+        """[B] fp32 squared norms of all examples (None if no call contributed)."""
+        return self._merge(self.kept.sq_norms(), self.others.sq_norms())
+
+    def dots(self) -> Tensor | None:
+        """[B, K] fp32 dots of all examples with the references (None without references or contributions)."""
+        return self._merge(self.kept.dots(), self.others.dots())
 
     @property
     def grads(self) -> Tensor | None:

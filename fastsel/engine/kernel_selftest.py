@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastsel.engine import linear_math
+from fastsel.engine import dot_math, linear_math
 
 RTOL = 1e-3  # fp32 summation order moves the last bits (~1e-6); a wrong tile or a missed block moves far more
 ENV = "FASTSEL_KERNEL_SELFTEST"
@@ -235,6 +235,72 @@ def check_segment_write_grads(case: Case) -> None:
     compare("segment_write_grads norms", norms, ref.square().sum(dim=(1, 2)))
 
 
+def _refs(case: Case, k: int, m: int, n: int, seed: int) -> Tensor:
+    """fp32 references [K, m, n] on the device (drawn on the CPU)."""
+    return torch.randn(k, m, n, generator=torch.Generator().manual_seed(seed)).to(case.device)
+
+
+def _check_dots(case: Case, segments: bool) -> None:
+    """Norms and dots with K = 2 references: fused instantiate (LoRA-shaped site), Gram norm + project (square
+    site), and the dots alone (project, and instantiate from K = 2), against the fp32 torch reference."""
+    for i, (n, m, method) in enumerate(((150, 5, "instantiate"), (33, 40, "project"))):
+        x, d = case.inputs(3, 21, n, m, seed=40 + i)
+        refs = _refs(case, 2, m, n, seed=50 + i)
+        if segments:
+            where = dict(segments=_segments(case), max_length=21)
+            with _exact_fp32():
+                grads = _segment_reference(x, d)
+        else:
+            vr = case.ranges([(0, 21), (4, 21), (0, 13)])
+            where = dict(valid_range=vr)
+            with _exact_fp32():
+                grads = linear_math.per_example_grads(_masked(x, vr), _masked(d, vr))
+        with _exact_fp32():
+            ref_sq, ref_dots = grads.square().sum(dim=(1, 2)), dot_math.grads_dots(grads, refs)
+        name = f"{'segment_' if segments else ''}dots {method} n={n} m={m}"
+        sq, dots = _kernels().linear_sq_norms_dots(x, d, refs, method=method, **where)
+        compare(f"{name} norms", sq, ref_sq)
+        compare(f"{name} dots", dots, ref_dots)
+        compare(f"{name} dots alone", _kernels().linear_dots(x, d, refs, method=method, **where), ref_dots)
+
+
+def _check_grouped_dots(case: Case, segments: bool) -> None:
+    """Three sites of two shapes, one launch per shape: per-site norms and dots in order."""
+    shapes = ((24, 4), (24, 4), (4, 40))
+    pairs = [case.inputs(3, 21, n, m, seed=60 + i) for i, (n, m) in enumerate(shapes)]
+    refs = [_refs(case, 2, m, n, seed=70 + i) for i, (n, m) in enumerate(shapes)]
+    if segments:
+        where = dict(segments=_segments(case), max_length=21)
+        with _exact_fp32():
+            grads = [_segment_reference(x, d) for x, d in pairs]
+    else:
+        vr = case.ranges([(0, 21), (5, 21), (0, 11)])
+        where = dict(valid_range=vr)
+        with _exact_fp32():
+            grads = [linear_math.per_example_grads(_masked(x, vr), _masked(d, vr)) for x, d in pairs]
+    sq, dots = _kernels().grouped_linear_sq_norms_dots([x for x, _ in pairs], [d for _, d in pairs], refs, **where)
+    with _exact_fp32():
+        compare("grouped_dots norms", sq, torch.stack([g.square().sum(dim=(1, 2)) for g in grads]))
+        compare("grouped_dots dots", dots, torch.stack([dot_math.grads_dots(g, r) for g, r in zip(grads, refs,
+                                                                                                 strict=True)]))
+
+
+def check_dots(case: Case) -> None:
+    _check_dots(case, segments=False)
+
+
+def check_grouped_dots(case: Case) -> None:
+    _check_grouped_dots(case, segments=False)
+
+
+def check_segment_dots(case: Case) -> None:
+    _check_dots(case, segments=True)
+
+
+def check_segment_grouped_dots(case: Case) -> None:
+    _check_grouped_dots(case, segments=True)
+
+
 # family name -> check. Others add their family here (one entry) and ask `usable(family, ...)` before launching.
 # The norm pass asks for 'segment_<form>' on packed batches, '<form>' on padded ones.
 CHECKS: dict[str, Callable[[Case], None]] = {
@@ -247,6 +313,10 @@ CHECKS: dict[str, Callable[[Case], None]] = {
     "segment_gram": check_segment_gram,
     "segment_grouped": check_segment_grouped,
     "segment_write_grads": check_segment_write_grads,
+    "dots": check_dots,
+    "grouped_dots": check_grouped_dots,
+    "segment_dots": check_segment_dots,
+    "segment_grouped_dots": check_segment_grouped_dots,
 }
 
 _RESULTS: dict[tuple[str, str, str], Result] = {}

@@ -1,7 +1,8 @@
 """The norm pass: one batched forward and one backward give every example's exact gradient norm.
 
 Data flow: batch -> forward with capture hooks -> per-example losses L_i -> one backward of sum_i L_i (so each
-example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i.
+example's output-gradients are exactly its own) -> per-parameter accumulators -> ||grad L_i|| for every i, and,
+given reference gradients R_k, <grad L_i, R_k> from the same captured pairs (same forward, same backward).
 Backends: `torch` (batched PyTorch math, runs everywhere), `triton` (fused kernels in fastsel.kernels for the
 Linear sites), `naive` (one forward+backward per unpadded example: the oracle), `auto` (triton on CUDA, else torch).
 Padded and packed batches go the same way: the batch's `Segments` (fastsel.engine.segments) say which tokens form
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine import kernel_selftest, linear_math
+from fastsel.engine import dot_math, kernel_selftest, linear_math
 from fastsel.engine.accumulate import (
     GroupedSqNorms,
+    GroupedSqNormsDots,
+    LinearDots,
     LinearGrads,
     LinearSqNorms,
+    LinearSqNormsDots,
     ParamAccumulator,
     RowSplit,
     resolve_deferred,
@@ -30,6 +34,7 @@ from fastsel.engine.accumulate import (
 from fastsel.engine.capture import Capture
 from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.references import ReferenceLike, References, prepare_references
 from fastsel.engine.segments import Segments
 from fastsel.engine.sharded import ForwardLeaves
 from fastsel.engine.targets import Target, find_targets
@@ -39,7 +44,8 @@ BACKENDS = ("auto", "torch", "triton", "naive")
 
 @dataclass
 class NormPass:
-    """What one norm pass measured: per-example losses, per-parameter squared norms, optional per-example grads."""
+    """What one norm pass measured: per-example losses, per-parameter squared norms, optional per-example grads,
+    and, with references, per-parameter dots <grad L_i, R_k>."""
 
     losses: Tensor  # [B] fp32, detached (B = examples: rows, or the sequences of a packed batch)
     sq_norms: dict[str, Tensor]  # parameter name -> [B] fp32
@@ -48,11 +54,33 @@ class NormPass:
     grad_rows: Tensor | None = None  # keep_rows: the examples whose gradients per_example_grads holds, in its order
     token_stats: dict[str, Tensor] = field(default_factory=dict)  # losses.token_statistics (token_stats only)
     tokens: Tensor | None = None  # [B] tokens of each example (its sequence length)
+    param_dots: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, K] fp32 (reference given only)
+    reference_sq_norms: Tensor | None = None  # [K] fp32 ||R_k||^2 (reference given only)
+    single_reference: bool = True  # one reference dict was given: `dots` / `cosines` are [B], else [B, K]
 
     @property
     def norms(self) -> Tensor:
         """Total per-example gradient norm over all covered parameters, [B] fp32."""
         return torch.stack(list(self.sq_norms.values())).sum(dim=0).sqrt()
+
+    def _shaped(self, values: Tensor) -> Tensor:
+        return values[:, 0] if self.single_reference else values
+
+    @property
+    def dots(self) -> Tensor | None:
+        """<grad L_i, R_k> over all covered parameters: [B] for one reference, [B, K] for a list (None without)."""
+        if not self.param_dots:
+            return None
+        return self._shaped(torch.stack(list(self.param_dots.values())).sum(dim=0))
+
+    @property
+    def cosines(self) -> Tensor | None:
+        """cos(grad L_i, R_k), shaped like `dots`; 0 where either gradient is exactly zero."""
+        if not self.param_dots:
+            return None
+        dots = torch.stack(list(self.param_dots.values())).sum(dim=0)
+        denom = self.norms[:, None] * self.reference_sq_norms.sqrt()[None, :]
+        return self._shaped(torch.where(denom > 0, dots / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0))
 
 
 def resolve_backend(backend: str, model: nn.Module) -> str:
@@ -137,6 +165,62 @@ def _linear_fns(backend: str, segments: Segments, *, strict: bool = True,
     return per_site, grouped, grads
 
 
+DotFns = tuple[LinearSqNormsDots, "GroupedSqNormsDots | None", LinearDots]
+
+
+def _torch_dot_fns(segments: Segments) -> tuple[LinearSqNormsDots, LinearDots]:
+    """The torch math's fused (norms and dots) and plain dot functions for the batch's examples."""
+    if not segments.packed:
+        return dot_math.sq_norms_and_dots, dot_math.linear_dots
+    return (lambda x, d, r: dot_math.sq_norms_and_dots(x, d, r, segments=segments),
+            lambda x, d, r: dot_math.linear_dots(x, d, r, segments))
+
+
+def _dot_fns(backend: str, segments: Segments, *, strict: bool = True) -> DotFns:
+    """The backend's direct-site (norms and dots), grouped (triton only) and plain Linear dot functions, bound to
+    the batch's examples. Triton: the 'dots' / 'grouped_dots' families ('segment_*' on packed batches) only once
+    their first-use self-test passed, else the torch math (or KernelSelfTestError when `strict`)."""
+    torch_fused, torch_dots = _torch_dot_fns(segments)
+    if backend != "triton":
+        return torch_fused, None, torch_dots
+    from fastsel import kernels
+
+    seq_len = segments.width
+    ranges = segments.ranges
+    length = segments.max_length if segments.packed else None
+
+    def ranged(t: int) -> Tensor | None:
+        return ranges if t == seq_len else None
+
+    def longest(t: int) -> int | None:
+        return length if t == seq_len else None
+
+    def usable(name: str, x: Tensor, delta: Tensor) -> bool:
+        family = f"segment_{name}" if segments.packed else name
+        return kernel_selftest.usable(family, x.device, x.dtype, delta.dtype, strict=strict)
+
+    def per_site(x: Tensor, delta: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
+        if not usable("dots", x, delta):
+            return torch_fused(x, delta, refs)
+        t = x.shape[1]
+        return kernels.linear_sq_norms_dots(x, delta, refs, segments=ranged(t), max_length=longest(t))
+
+    def grouped(xs: list[Tensor], deltas: list[Tensor], refs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        if len({x.shape[1] for x in xs}) != 1 or not all(
+                usable("grouped_dots", x, d) for x, d in zip(xs, deltas, strict=True)):
+            parts = [per_site(x, d, r) for x, d, r in zip(xs, deltas, refs, strict=True)]
+            return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        t = xs[0].shape[1]
+        return kernels.grouped_linear_sq_norms_dots(xs, deltas, refs, segments=ranged(t), max_length=longest(t))
+
+    def dots(x: Tensor, delta: Tensor, refs: Tensor) -> Tensor:
+        if not usable("dots", x, delta):
+            return torch_dots(x, delta, refs)
+        return kernels.linear_dots(x, delta, refs, segments=ranged(x.shape[1]))
+
+    return per_site, grouped, dots
+
+
 def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor],
                            recorded: ForwardLeaves | None = None) -> list[Tensor | None]:
     """Backward of `total`; return the targets' batch gradients and leave every `.grad` as it was before.
@@ -165,7 +249,8 @@ RowPlan = Callable[[Tensor], "Tensor | None"]
 
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
                       backend: str = "torch", keep_grads: bool = False, keep_rows: RowPlan | None = None,
-                      strict: bool = True, token_stats: bool = False) -> NormPass:
+                      strict: bool = True, token_stats: bool = False,
+                      references: References | None = None) -> NormPass:
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
 
     `keep_grads` keeps every example's per-example gradients. `keep_rows` decides it after the forward, before the
@@ -174,13 +259,15 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     says which examples `per_example_grads` holds. The squared norms of all examples are the same either way. On a
     padded batch the split is by row; on a packed one by sequence (two accumulators over the same rows, each
     reducing its own sequences' tokens). `strict` (triton only): a kernel family failing its self-test raises
-    instead of falling back to torch. `token_stats`: also `losses.token_statistics` per example.
+    instead of falling back to torch. `token_stats`: also `losses.token_statistics` per example. With
+    `references` every accumulator also forms its parameter's dots from the same captured pairs.
     """
     if keep_grads and keep_rows is not None:
         raise ValueError("pass keep_grads or keep_rows, not both")
     prepared = prepare_for(model, batch)
     segments: Segments = prepared["segments"]
     batch_size = len(segments)
+    refs = references.tensors if references is not None else {}
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
     for target in targets:
         for _, module, role in target.owners:
@@ -216,32 +303,34 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
             else:  # by row: each half sees its own rows
                 mask = prepared["attention_mask"]
                 keep_seg, rest_seg = Segments.one_per_row(mask[grad_rows]), Segments.one_per_row(mask[rest_rows])
-            keep_fns = _linear_fns(backend, keep_seg, strict=strict)
-            rest_fns = _linear_fns(backend, rest_seg, strict=strict)
+            keep_fns = _linear_fns(backend, keep_seg, strict=strict), _dot_fns(backend, keep_seg, strict=strict)
+            rest_fns = _linear_fns(backend, rest_seg, strict=strict), _dot_fns(backend, rest_seg, strict=strict)
             for target in targets:
                 calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                kept_acc = _accumulator(target, keep_seg, calls, True, keep_fns)
-                rest_acc = _accumulator(target, rest_seg, calls, False, rest_fns)
+                kept_acc = _accumulator(target, keep_seg, calls, True, *keep_fns, refs.get(target.name))
+                rest_acc = _accumulator(target, rest_seg, calls, False, *rest_fns, refs.get(target.name))
                 accumulators[target.name] = RowSplit(grad_rows, rest_rows, kept_acc, rest_acc,
                                                      by_row=not segments.packed)
-            groups = [([a.kept for a in accumulators.values()], keep_fns[1]),
-                      ([a.others for a in accumulators.values()], rest_fns[1])]
+            groups = [([a.kept for a in accumulators.values()], keep_fns),
+                      ([a.others for a in accumulators.values()], rest_fns)]
         else:
-            fns = _linear_fns(backend, segments, strict=strict)
+            fns = _linear_fns(backend, segments, strict=strict), _dot_fns(backend, segments, strict=strict)
             for target in targets:
                 calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                accumulators[target.name] = _accumulator(target, segments, calls, keep_all, fns)
-            groups = [(list(accumulators.values()), fns[1])]
+                accumulators[target.name] = _accumulator(target, segments, calls, keep_all, *fns,
+                                                         refs.get(target.name))
+            groups = [(list(accumulators.values()), fns)]
         batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
-    for group, grouped_fn in groups:
-        if grouped_fn is not None:
-            resolve_deferred(group, grouped_fn)
+    for group, (linear_fns, dot_fns) in groups:
+        if linear_fns[1] is not None:
+            resolve_deferred(group, linear_fns[1], dot_fns[1])
 
     keeping = keep_all or grad_rows is not None  # an empty plan keeps gradients of no row
     n_kept = batch_size if keep_all else (0 if grad_rows is None else grad_rows.numel())
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
+    dots: dict[str, Tensor] = {}
     for target, batch_grad in zip(targets, batch_grads, strict=True):
         acc = accumulators[target.name]
         sq = acc.sq_norms()
@@ -257,15 +346,30 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
             kept[target.name] = grads if grads is not None else torch.zeros((n_kept, *target.shape),
                                                                             device=losses.device)
         sq_norms[target.name] = sq
-    return NormPass(losses.detach(), sq_norms, backend, kept, None if keep_all else grad_rows, stats,
-                    _token_counts(segments))
+        if references is not None:
+            dot = acc.dots()
+            dots[target.name] = dot if dot is not None else torch.zeros(batch_size, references.count,
+                                                                        device=losses.device)
+    result = NormPass(losses.detach(), sq_norms, backend, per_example_grads=kept,
+                      grad_rows=None if keep_all else grad_rows, token_stats=stats, tokens=_token_counts(segments),
+                      param_dots=dots)
+    return _with_references(result, references)
+
+
+def _with_references(result: NormPass, references: References | None) -> NormPass:
+    if references is not None:
+        result.reference_sq_norms = references.sq_norms
+        result.single_reference = references.single
+    return result
 
 
 def _accumulator(target: Target, segments: Segments, calls: int, keep_grads: bool,
-                 fns: tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]) -> ParamAccumulator:
+                 fns: tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads], dot_fns: DotFns,
+                 refs: Tensor | None) -> ParamAccumulator:
     linear_fn, grouped_fn, grads_fn = fns
+    fused_fn, _, dots_fn = dot_fns
     return ParamAccumulator(target.shape, segments, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
-                            linear_grads=grads_fn)
+                            linear_grads=grads_fn, refs=refs, linear_sq_norms_dots=fused_fn, linear_dots=dots_fn)
 
 
 def _token_counts(segments: Segments) -> Tensor:
@@ -290,12 +394,13 @@ def _examples_alone(prepared: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
     return singles
 
 
-def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target]) -> NormPass:
+def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target],
+                    references: References | None = None) -> NormPass:
     """The oracle: for each example alone (padding and other sequences stripped), forward, backward, and the norm
-    of its gradient."""
+    of its gradient (and its dots with the references)."""
     prepared = prepare_for(model, batch)
     params = [t.param for t in targets]
-    losses, rows = [], []
+    losses, rows, dot_rows = [], [], []
     for single in _examples_alone(prepared):
         with ForwardLeaves(model, targets) as recorded:  # FSDP2: the unsharded leaves (engine.sharded)
             loss = per_example_losses(forward_logits(model, single), single["labels"])[0]
@@ -304,36 +409,52 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
         rows.append([
             torch.zeros((), device=loss.device) if g is None else g.float().square().sum() for g in grads
         ])
+        if references is not None:
+            dot_rows.append([
+                torch.zeros(references.count, device=loss.device) if g is None
+                else dot_math.grads_dots(g[None], references.tensors[t.name])[0]
+                for g, t in zip(grads, targets, strict=True)
+            ])
     losses_t = torch.stack(losses)
     check_finite(losses_t, "loss")
     sq_norms = {t.name: torch.stack([row[j] for row in rows]) for j, t in enumerate(targets)}
-    return NormPass(losses_t, sq_norms, "naive", tokens=_token_counts(prepared["segments"]))
+    dots = {t.name: torch.stack([row[j] for row in dot_rows]) for j, t in enumerate(targets)} if dot_rows else {}
+    result = NormPass(losses_t, sq_norms, "naive", tokens=_token_counts(prepared["segments"]), param_dots=dots)
+    return _with_references(result, references)
 
 
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
               backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None,
-              keep_rows: RowPlan | None = None, token_stats: bool = False) -> NormPass:
+              keep_rows: RowPlan | None = None, token_stats: bool = False,
+              reference: ReferenceLike | None = None) -> NormPass:
     """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
 
     `batch`: padded or packed (fastsel.engine.batch); on a packed batch every sequence is one example, in order of
     appearance. `targets` (from `find_targets(model, params)`) skips the parameter discovery when the caller
     already did it. `keep_grads` / `keep_rows`: per-example gradients kept for every example / for the examples
     chosen after the forward (`batched_norm_pass`). `token_stats` also returns `losses.token_statistics`
-    (entropy, top-1 hits, supervised tokens per example; not with backend='naive').
+    (entropy, top-1 hits, supervised tokens per example; not with backend='naive'). `reference`: a gradient dict
+    {parameter name: tensor} over exactly those parameters (e.g. from `fastsel.reference_gradient`), or a list of
+    them: the same forward and backward then also give every example's exact <grad L_i, R_k> (`NormPass.dots`,
+    `NormPass.cosines`; per sequence on a packed batch). A bad reference raises before the model runs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     strict = backend == "triton"  # asked for by name: a kernel failing its self-test raises, no fallback
     backend = resolve_backend(backend, model)
     targets = find_targets(model, params) if targets is None else targets
+    references = None if reference is None else prepare_references(reference, targets, model_device(model))
     if backend == "naive":
         if keep_grads or keep_rows is not None or token_stats:
             raise ValueError("keep_grads, keep_rows and token_stats are not available with backend='naive'")
-        result = naive_norm_pass(batch, model, targets)
+        result = naive_norm_pass(batch, model, targets, references)
     else:
         result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads,
-                                   keep_rows=keep_rows, strict=strict, token_stats=token_stats)
+                                   keep_rows=keep_rows, strict=strict, token_stats=token_stats,
+                                   references=references)
     check_finite(result.norms, "gradient norm")
+    if references is not None:
+        check_finite(torch.stack(list(result.param_dots.values())).sum(dim=0).sum(dim=1), "gradient dot")
     return result
 
 

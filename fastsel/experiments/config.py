@@ -28,8 +28,9 @@ from typing import Any
 from fastsel.engine.norms import BACKENDS
 
 SELECTION_METHODS = ("full", "random", "moderate", "low", "high")
+REFERENCE_METHODS = ("gradshield", "harmful_similarity")  # selection by gradient dots with safety anchors
 BASELINES = ("grad_clip", "kl", "ewc")
-METHODS = SELECTION_METHODS + BASELINES
+METHODS = SELECTION_METHODS + REFERENCE_METHODS + BASELINES
 DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
 JUDGES = ("three_way", "refusal", "llama_guard")
 TINY = "tiny-random"
@@ -122,6 +123,20 @@ class AlignmentSpec:
 
 
 @dataclass
+class ReferenceSpec:
+    """Reference gradients of the methods gradshield and harmful_similarity, from the shipped safety data
+    (`fastsel.experiments.data.anchors`): refusal anchors (GradShield's safety loss; He et al.'s safe anchors)
+    and harmful-compliance anchors (He et al.'s harmful anchors), recomputed every `every` optimizer steps."""
+
+    anchors: int = field(default=16, metadata=POSITIVE)  # examples per anchor set
+    every: int = field(default=1, metadata=_limits(ge=0))  # 0: once per stage
+    max_length: int = field(default=128, metadata=_limits(ge=2))
+    refusals: str | None = None  # refusal pairs (Alpaca schema); None: the shipped safety_refusals.jsonl
+    compliance: str | None = None  # prompt/response or AdvBench goal/target rows; None: shipped openings
+    budget: float = 0.0  # gradshield: kept set's summed first-order safety change <= budget
+
+
+@dataclass
 class EvalSpec:
     """Task evaluation: generation budget and batch size."""
 
@@ -149,6 +164,7 @@ class ContinualConfig:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     safety: SafetySpec = field(default_factory=SafetySpec)
     alignment: AlignmentSpec = field(default_factory=AlignmentSpec)
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
 
@@ -385,7 +401,7 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     if not cfg.seeds:
         problems.add("seeds", "must be a non-empty list of integers >= 0")
     tr = cfg.training
-    if any(m in ("random", "moderate", "low", "high") for m in cfg.methods) and _numbers(tr.ratio, tr.batch_size) \
+    if any(m in ("random", "moderate", "low", "high", "harmful_similarity") for m in cfg.methods) and _numbers(tr.ratio, tr.batch_size) \
             and tr.ratio * tr.batch_size < 1:
         problems.add("training", f"batch_size {tr.batch_size} x ratio {tr.ratio} keeps < 1 example per batch")
     sa = cfg.safety
@@ -406,10 +422,11 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
             problems.add("safety.prompts", f"{kind} needs a path ({kind}:PATH)")
         elif _missing_path(path):
             problems.add("safety.prompts", f"file not found: {path}")
-    for key in ("refusals", "helpful"):
-        path = getattr(cfg.alignment, key)
+    for section, key in (("alignment", "refusals"), ("alignment", "helpful"), ("reference", "refusals"),
+                         ("reference", "compliance")):
+        path = getattr(getattr(cfg, section), key)
         if isinstance(path, str) and _missing_path(path):
-            problems.add(f"alignment.{key}", f"file not found: {path}")
+            problems.add(f"{section}.{key}", f"file not found: {path}")
     if _numbers(cfg.report.audit_stage) and cfg.tasks and cfg.report.audit_stage > len(cfg.tasks):
         problems.add("report.audit_stage", f"{cfg.report.audit_stage} > number of tasks {len(cfg.tasks)}")
 

@@ -9,6 +9,10 @@ score are measured. Every stage is checkpointed under OUT/runs/<method>/seed<k>/
 train log, stage_result.json written atomically); re-running the same command skips finished stages.
 Results: OUT/results.json; report: OUT/report.md and OUT/plots/*.png (`fastsel.experiments.report`).
 
+Methods: the selection strategies (full, random, moderate, low, high), the safety-aware strategies gradshield
+and harmful_similarity (reference gradients from the shipped refusal data, section `reference`, recomputed as
+the model moves), and the training-time baselines grad_clip, kl, ewc.
+
 The config (`fastsel.experiments.config.ContinualConfig`, loaded from YAML) is validated before anything trains;
 the LoRA target modules are checked against the model as soon as it loads.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fastsel.experiments.config import (
+    REFERENCE_METHODS,
     SELECTION_METHODS,
     TINY,
     ContinualConfig,
@@ -195,6 +200,7 @@ class Runner:
         self._data: dict[str, Any] = {}
         self._judge: Any = None
         self._reference: Any = None  # the aligned model's log-probs for the KL (teacher_forced.reference_logprobs)
+        self._anchors: dict[str, Any] | None = None
         self.tokenizer: Any = None
         self.base: Any = None
 
@@ -399,6 +405,20 @@ class Runner:
                      "train_s": time.time() - start})
         return peft.merge_and_unload()
 
+    def anchors(self) -> dict[str, Any]:
+        """The reference batches: refusal and harmful-compliance anchors with the model's chat template."""
+        if self._anchors is None:
+            from fastsel.experiments.data import compliance_anchor_batch, refusal_anchor_batch
+
+            ref = self.cfg.reference
+            self._anchors = {
+                "refusal": refusal_anchor_batch(self.tokenizer, ref.anchors, max_length=ref.max_length,
+                                                path=ref.refusals),
+                "compliance": compliance_anchor_batch(self.tokenizer, ref.anchors, max_length=ref.max_length,
+                                                      path=ref.compliance, refusals=ref.refusals),
+            }
+        return self._anchors
+
     # -- one stage
     def _train_options(self, method: str, seed: int) -> dict[str, Any]:
         tr = self.cfg.training
@@ -407,6 +427,11 @@ class Runner:
                     progress=self.progress, keep_last=1)
         if method in SELECTION_METHODS:
             opts["strategy"] = method
+        elif method in REFERENCE_METHODS:
+            ref, anchors = self.cfg.reference, self.anchors()
+            opts.update(strategy=method, reference_every=ref.every, gradshield_budget=ref.budget,
+                        reference_batches=[anchors["refusal"]] if method == "gradshield"
+                        else [anchors["compliance"], anchors["refusal"]])
         else:
             opts["strategy"] = "full"
             if method == "grad_clip":
@@ -529,6 +554,8 @@ class Runner:
         self.prepare_data()  # raw data first: a bad file fails before the model loads
         self.build_base()
         self.prepare_data()
+        if any(m in REFERENCE_METHODS for m in self.cfg.methods):
+            self.anchors()  # the anchor data is read and tokenized before anything trains
         _write_json(saved, config)
         base_file = self.out / "runs" / "base" / "stage_result.json"
         if base_file.exists():

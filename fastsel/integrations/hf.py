@@ -75,6 +75,7 @@ from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
 from fastsel.selection.rules import Selection
 from fastsel.training import distributed
 from fastsel.training.options import check_step_options
+from fastsel.training.reference_schedule import ReferenceSchedule, check_reference_options
 from fastsel.training.selective import selective_backward
 
 __all__ = ["SelectionConfig", "SelectionTrainerMixin", "SelectiveTrainer", "make_selective", "to_fastsel_batch",
@@ -105,6 +106,10 @@ class SelectionConfig:
     micro-step t the seed `seed + t`, so a resumed run draws the same subsets. `id_column`: dataset column holding
     example ids (None: positions only). `log_file`: JSONL file under `args.output_dir` (None: no file).
     `log_measurements`: also record every example's loss, gradient norm and loss-band membership.
+    Reference strategies (`gradshield`, `harmful_similarity`): `reference=` fixed gradient dict(s), or
+    `reference_batches=` (one batch or list of batches per reference) recomputed from the current weights at the
+    first optimizer step and every `reference_every` steps (eval mode; a resumed Trainer recomputes it at its first
+    step); `gradshield_budget` as in `fastsel.selection.rules`.
     """
 
     ratio: float = 0.2
@@ -117,11 +122,17 @@ class SelectionConfig:
     id_column: str | None = "id"
     log_file: str | None = "fastsel_selection.jsonl"
     log_measurements: bool = False
+    reference: Any = None
+    reference_batches: list[Any] | None = None
+    reference_every: int = 0
+    gradshield_budget: float = 0.0
 
     def __post_init__(self) -> None:
         check_step_options(ratio=self.ratio, strategy=self.strategy, loss_band=self.loss_band,
                            single_pass=self.single_pass, backend=self.backend,
                            memory_budget_bytes=self.memory_budget_bytes, seed=self.seed)
+        check_reference_options(self.strategy, self.reference, self.reference_batches, self.reference_every,
+                                self.gradshield_budget)
         for name in ("id_column", "log_file"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -214,6 +225,8 @@ class SelectionTrainerMixin:
         self.fastsel_config = fastsel_config
         self.fastsel_log = []
         self._fastsel_window: tuple[int, int] = (-1, 0)  # (global step, micro-steps seen in it)
+        self._fastsel_references = ReferenceSchedule(fastsel_config.strategy, fastsel_config.reference,
+                                                     fastsel_config.reference_batches, fastsel_config.reference_every)
         super().__init__(*args, **kwargs)
         self._fastsel_check_setup()
         if fastsel_config.id_column is not None and self.data_collator is not None \
@@ -314,11 +327,14 @@ class SelectionTrainerMixin:
             if cfg.seed is not None:
                 seed = cfg.seed + self.state.global_step * self.args.gradient_accumulation_steps + micro
             with self.compute_loss_context_manager():
+                local = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+                reference = self._fastsel_references.get(local, int(self.state.global_step))
                 try:
                     selection = selective_backward(
                         batch, model, ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
                         single_pass=cfg.single_pass, seed=seed, scale=scale, backend=cfg.backend,
-                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync, token_stats=trl_metrics)
+                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync, token_stats=trl_metrics,
+                        reference=reference, gradshield_budget=cfg.gradshield_budget)
                 except TypeError as e:
                     if "must return logits" not in str(e):
                         raise
@@ -371,7 +387,12 @@ class SelectionTrainerMixin:
             "packed": info["packed"],
             "note": "; ".join(n for n in (selection.note, info["note"]) if n),
         }
+        if selection.scores is not None:  # reference strategies: positive = judged harmful
+            entry["scored_harmful"] = int((selection.scores > 0).sum())
+            entry["reference_step"] = self._fastsel_references.computed_at
         if self.fastsel_config.log_measurements:
+            if selection.scores is not None:
+                entry["scores"] = selection.scores.tolist()
             entry["losses"] = selection.losses.tolist()
             entry["grad_norms"] = selection.grad_norms.tolist()
             entry["candidates"] = selection.candidates.tolist()
@@ -383,8 +404,12 @@ class SelectionTrainerMixin:
                 f.write(json.dumps(entry, default=str) + "\n")
 
     def fastsel_config_dict(self) -> dict[str, Any]:
-        """The selection options as a plain dict (for run metadata)."""
-        return asdict(self.fastsel_config)
+        """The selection options as a plain dict (for run metadata; reference tensors as a marker)."""
+        out = asdict(self.fastsel_config)
+        for key in ("reference", "reference_batches"):
+            if out[key] is not None:
+                out[key] = f"<{len(out[key])} {key.replace('_', ' ')}>"
+        return out
 
 
 @functools.cache

@@ -5,12 +5,31 @@ all); k = max(1, floor(ratio * B)); `moderate` keeps the k candidates whose grad
 candidates' median (mean of the two middle values for an even count; ties -> lower batch index), `low` the k
 smallest, `high` the k largest, `random` k candidates uniformly (seeded), `full` every example. With fewer
 candidates than k, all candidates are kept and the Selection says so. The ops run in fastsel._C when it is built.
+
+Safety-aware strategies, from every example's exact dot <g_i, R> with reference gradients (g_i = grad L_i;
+`fastsel.norm_pass(..., reference=...)`); they use neither the loss band nor (gradshield) the ratio:
+- `gradshield` (GradShield, arXiv 2605.14194): R = grad S, the gradient of a safety loss S (e.g. the loss of
+  refusals to harmful prompts). score_i = -<g_i, grad S> is, up to the learning rate, the first-order change of S
+  from an SGD step on example i (positive: the step makes the model less safe). The paper's threshold search is
+  not public; fastsel's documented rule (`largest_safe_set`) keeps the largest set of examples whose summed score
+  is <= `gradshield_budget` (0: the kept set's mean step does not increase S to first order): the j lowest scores
+  for the largest such j, found by binary search over the sorted scores' prefix sums, i.e. a threshold set by
+  the data without knowing how much of it is harmful. Ties at the threshold keep the lower batch index first;
+  an all-harmful batch keeps nothing (the step is skipped), a none-harmful one keeps all. Swap the rule by
+  passing `gradshield_rule=` (a function (scores, budget) -> kept batch positions).
+- `harmful_similarity` (He, Xia & Henderson 2024, bidirectional anchoring): references R_harm and optionally
+  R_safe, each the mean of unit-normalized anchor gradients (`reference_gradient(..., normalize=True)`);
+  score_i = <g_i/||g_i||, R_harm> - <g_i/||g_i||, R_safe> = mean cosine to the harmful anchors minus mean cosine
+  to the safe ones (0 for a zero gradient). The k = max(1, floor(ratio B)) lowest-scoring (safest) examples are
+  kept, ties to the lower batch index.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +37,12 @@ from torch import Tensor, nn
 
 from fastsel.selection import ops as select_ops
 
-STRATEGIES = ("moderate", "low", "high", "random", "full")
+STRATEGIES = ("moderate", "low", "high", "random", "full", "gradshield", "harmful_similarity")
+NORM_STRATEGIES = ("moderate", "low", "high")  # need per-example gradient norms (the loss band applies)
+# strategy -> (fewest, most references, anchors normalized as He et al.)
+REFERENCE_STRATEGIES = {"gradshield": (1, 1, False), "harmful_similarity": (1, 2, True)}
+
+GradShieldRule = Callable[[Tensor, float], Tensor]  # (float64 scores [B], budget) -> kept batch positions
 
 
 @dataclass
@@ -39,6 +63,8 @@ class Selection:
     single_pass: bool | None = None  # how selective_backward formed the gradient
     pass_reason: str = ""  # why selective_backward took that step (memory budget, options, strategy)
     token_stats: dict[str, Tensor] | None = None  # selective_backward(token_stats=True): this rank's per-example sums
+    scores: Tensor | None = None  # [B] float64 harmfulness scores of the reference strategies (None otherwise)
+    threshold: float | None = None  # the largest kept score (reference strategies; None when nothing is kept)
 
     @property
     def num_selected(self) -> int:
@@ -54,6 +80,71 @@ def check_options(ratio: float, strategy: str, loss_band: float | None) -> None:
     if loss_band is not None and (isinstance(loss_band, bool) or not isinstance(loss_band, (int, float))
                                   or not loss_band >= 0 or math.isinf(loss_band)):
         raise ValueError(f"loss_band must be a finite number >= 0 or None, got {loss_band!r}")
+
+
+def needs_reference(strategy: str) -> bool:
+    """Whether `strategy` scores examples by their gradient dots with reference gradients."""
+    return strategy in REFERENCE_STRATEGIES
+
+
+def needs_measurement(strategy: str) -> bool:
+    """Whether `strategy` needs the norm pass (norms, or dots with references)."""
+    return strategy in NORM_STRATEGIES or needs_reference(strategy)
+
+
+def check_reference_option(strategy: str, reference: object | None, what: str = "reference") -> None:
+    """A reference strategy without a reference, or a reference given to a strategy that ignores it: ValueError."""
+    if needs_reference(strategy) and reference is None:
+        hint = ("the gradient of a safety loss, e.g. fastsel.reference_gradient(refusal_batch, model)"
+                if strategy == "gradshield" else
+                "[R_harm, R_safe] from fastsel.reference_gradient(anchor_batch, model, normalize=True)")
+        raise ValueError(f"strategy {strategy!r} needs {what}= ({hint})")
+    if reference is not None and not needs_reference(strategy):
+        raise ValueError(f"{what}= is used only by the strategies {tuple(REFERENCE_STRATEGIES)}, not by "
+                         f"{strategy!r}")
+
+
+def check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ValueError(f"gradshield_budget must be a finite number, got {budget!r}")
+
+
+def largest_safe_set(scores: Tensor, budget: float = 0.0) -> Tensor:
+    """GradShield's threshold rule: the batch positions of the largest set whose summed score is <= `budget`.
+
+    For any set of j examples the summed score is at least the sum P_j of the j lowest scores, so the answer is
+    the j lowest (stable order: ties to the lower position) for the largest j with P_j <= budget. Sorted
+    ascending, P decreases while scores are negative and never decreases after, so that j is found by binary
+    search on the non-decreasing part (empty when even its minimum exceeds the budget). Sums run left to right
+    in float64, as a plain-Python loop would.
+    """
+    values = scores.detach().double().cpu()
+    order = torch.sort(values, stable=True).indices
+    ordered = values[order].tolist()
+    prefix = [0.0, *itertools.accumulate(ordered)]
+    low = sum(1 for v in ordered if v < 0)  # argmin of the prefix sums
+    if prefix[low] > budget:
+        return torch.zeros(0, dtype=torch.long)
+    keep = low + bisect.bisect_right(prefix[low:], budget) - 1
+    return order[:keep].sort().values
+
+
+def reference_scores(strategy: str, dots: Tensor, grad_norms: Tensor) -> Tensor:
+    """float64 [B] scores of a reference strategy from dots ([B] or [B, K]) and norms [B] (module docstring)."""
+    lo, hi, _ = REFERENCE_STRATEGIES[strategy]
+    d = dots.detach().double().cpu()
+    d = d[:, None] if d.dim() == 1 else d
+    if d.dim() != 2 or d.shape[0] != grad_norms.numel() or not lo <= d.shape[1] <= hi:
+        raise ValueError(f"strategy {strategy!r} takes {lo if lo == hi else f'{lo} or {hi}'} reference(s): "
+                         f"dots must be [B] or [B, K] with B = {grad_norms.numel()}, got {tuple(dots.shape)}")
+    if not bool(torch.isfinite(d).all()):
+        bad = (~torch.isfinite(d)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"non-finite gradient dots for example(s) {bad}")
+    if strategy == "gradshield":
+        return -d[:, 0]
+    norms = grad_norms.detach().double().cpu()
+    similarity = d[:, 0] - d[:, 1] if d.shape[1] == 2 else d[:, 0]
+    return torch.where(norms > 0, similarity / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
 def num_to_keep(ratio: float, batch_size: int) -> int:
@@ -73,9 +164,12 @@ def candidate_mask(losses: Tensor, loss_band: float | None) -> Tensor:
 
 
 def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, strategy: str = "moderate",
-                   loss_band: float | None = 1.0, seed: int | None = None) -> Selection:
-    """Apply the selection rule to measured per-example losses and gradient norms (both [B])."""
+                   loss_band: float | None = 1.0, seed: int | None = None, dots: Tensor | None = None,
+                   gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:
+    """Apply the selection rule to measured per-example losses and gradient norms (both [B]); the reference
+    strategies also take `dots` ([B] or [B, K]: <grad L_i, R_k>)."""
     check_options(ratio, strategy, loss_band)
+    check_budget(gradshield_budget)
     losses = losses.detach().float().cpu()
     grad_norms = grad_norms.detach().float().cpu()
     if losses.dim() != 1 or losses.shape != grad_norms.shape or losses.numel() == 0:
@@ -83,6 +177,11 @@ def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, st
                          f"{tuple(losses.shape)} and {tuple(grad_norms.shape)}")
     batch_size = losses.numel()
     k = num_to_keep(ratio, batch_size)
+    if needs_reference(strategy):
+        if dots is None:
+            raise ValueError(f"strategy {strategy!r} needs the examples' gradient dots with its reference (dots=)")
+        return _select_by_reference(losses, grad_norms, reference_scores(strategy, dots, grad_norms), k, strategy,
+                                    gradshield_budget, gradshield_rule or largest_safe_set)
     if strategy == "full":
         candidates = torch.ones(batch_size, dtype=torch.bool)
         chosen = torch.arange(batch_size)
@@ -110,6 +209,27 @@ def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, st
     return _finish(chosen, losses, grad_norms, candidates, median, k, strategy, short, note)
 
 
+def _select_by_reference(losses: Tensor, grad_norms: Tensor, scores: Tensor, k: int, strategy: str,
+                         budget: float, rule: GradShieldRule) -> Selection:
+    """gradshield: the rule's kept set; harmful_similarity: the k lowest scores (ties to the lower index)."""
+    batch_size = losses.numel()
+    if strategy == "gradshield":
+        chosen = torch.as_tensor(rule(scores, float(budget)), dtype=torch.long).flatten().sort().values
+        k = int(chosen.numel())
+        harmful = int((scores > 0).sum())
+        note = "" if k else f"gradshield: no subset has summed safety score <= {budget} ({harmful} of " \
+                            f"{batch_size} examples score > 0): nothing kept"
+    else:
+        chosen = select_ops.extreme_k(scores, min(k, batch_size), False).sort().values
+        note = ""
+    candidates = torch.ones(batch_size, dtype=torch.bool)
+    selection = _finish(chosen, losses, grad_norms, candidates, select_ops.median(grad_norms), k, strategy,
+                        False, note)
+    selection.scores = scores
+    selection.threshold = float(scores[chosen].max()) if chosen.numel() else None
+    return selection
+
+
 def _finish(chosen: Tensor, losses: Tensor, grad_norms: Tensor, candidates: Tensor, median: float, k: int,
             strategy: str, short: bool, note: str) -> Selection:
     mask = torch.zeros(losses.numel(), dtype=torch.bool)
@@ -119,11 +239,16 @@ def _finish(chosen: Tensor, losses: Tensor, grad_norms: Tensor, candidates: Tens
 
 def select(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2, strategy: str = "moderate",
            loss_band: float | None = 1.0, seed: int | None = None, params: str = "trainable",
-           backend: str = "auto") -> Selection:
-    """Measure every example's loss and exact gradient norm in one batched pass, then apply Algorithm 1."""
+           backend: str = "auto", reference: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | None = None,
+           gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:
+    """Measure every example's loss and exact gradient norm (and, for `gradshield` / `harmful_similarity`, its
+    dots with `reference`) in one batched pass, then apply the strategy's rule."""
     from fastsel.engine.norms import norm_pass
 
     check_options(ratio, strategy, loss_band)
-    measured = norm_pass(batch, model, params=params, backend=backend)
+    check_reference_option(strategy, reference)
+    check_budget(gradshield_budget)
+    measured = norm_pass(batch, model, params=params, backend=backend, reference=reference)
     return select_indices(measured.losses, measured.norms, ratio=ratio, strategy=strategy,
-                          loss_band=loss_band, seed=seed)
+                          loss_band=loss_band, seed=seed, dots=measured.dots, gradshield_budget=gradshield_budget,
+                          gradshield_rule=gradshield_rule)

@@ -8,6 +8,8 @@ Layout of one checkpoint (`<out_dir>/checkpoints/step-XXXXXXXX/`, 8-digit optimi
     rng.pt                 torch CPU/CUDA generators, python `random`, numpy, and the data-order generator
     trainer_state.json     step, epoch, position in the epoch, dataset size, planned steps
     config.json            the TrainConfig (tensor-valued fields replaced by a marker)
+    extra.safetensors      optional: other tensors the run must resume with (e.g. the current reference gradients
+                           of a reference strategy); present only when the run has some
     manifest.json          format, version, step and {file: {sha256, bytes}} for every file above
 
 Atomicity: the files are written into a temporary directory in the same parent (`.tmp-step-...`), each is
@@ -28,7 +30,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json",
          "config.json")
+OPTIONAL_FILES = ("extra.safetensors",)  # verified when the manifest lists them
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -63,6 +66,7 @@ class Checkpoint:
     rng: dict[str, Any]
     trainer_state: dict[str, Any]
     config: dict[str, Any]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # extra.safetensors (empty when absent)
 
 
 def step_dir_name(step: int) -> str:
@@ -175,8 +179,11 @@ def set_aside_after(root: str | os.PathLike, step: int) -> list[Path]:
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, rng: Mapping[str, Any], trainer_state: Mapping[str, Any],
-                    config: Mapping[str, Any], keep_last: int | None = 2) -> Path:
+                    config: Mapping[str, Any], keep_last: int | None = 2,
+                    extra: Mapping[str, Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically under `root`; then keep only the newest `keep_last` checkpoints.
+
+    `extra`: further tensors to resume with (written as extra.safetensors when non-empty).
 
     Returns the final checkpoint directory. An existing checkpoint of the same step (from an abandoned run) is
     replaced.
@@ -195,8 +202,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module, opt
         write_synced(tmp / "rng.pt", lambda f: torch.save(dict(rng), f))
         write_synced(tmp / "trainer_state.json", lambda f: json.dump(dict(trainer_state), f, indent=1), mode="w")
         write_synced(tmp / "config.json", lambda f: json.dump(dict(config), f, indent=1, sort_keys=True), mode="w")
+        names = list(FILES)
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+            fsync_path(tmp / "extra.safetensors")
+            names.append("extra.safetensors")
         files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in FILES}
+                 for name in names}
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
         write_synced(tmp / MANIFEST, lambda f: json.dump(manifest, f, indent=1), mode="w")
         fsync_path(tmp)
@@ -236,7 +248,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{manifest_path}: format version {manifest.get('version')}, "
                               f"expected {VERSION}")
-    for name in FILES:
+    for name in [*FILES, *(n for n in OPTIONAL_FILES if n in files)]:
         file = path / name
         expected = files[name]
         if not file.is_file():
@@ -273,6 +285,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         rng=read("rng.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
         trainer_state=read("trainer_state.json", lambda p: json.loads(p.read_text())),
         config=read("config.json", lambda p: json.loads(p.read_text())),
+        extra=read("extra.safetensors", lambda p: load_file(str(p))) if "extra.safetensors" in manifest["files"]
+        else {},
     )
 
 

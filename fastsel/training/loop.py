@@ -15,6 +15,11 @@ EWC penalty: the selection sees the task-loss gradients only, as in the paper. T
 `out_dir/log.jsonl`, and a checkpoint every `save_every` steps and at the end (layout: fastsel.training.checkpoint;
 `resume=True` continues exactly).
 
+Reference strategies (`gradshield`, `harmful_similarity`): `reference=` fixed gradient dicts, or
+`reference_batches=` (one batch, or list of batches, per reference) recomputed with the current weights at the
+first step and every `reference_every` optimizer steps (`fastsel.training.reference_schedule`); the current
+reference is saved with every checkpoint, so a resumed run continues with the same one.
+
 Single process only (refused under torch.distributed or on an FSDP2 model): multi-GPU users call
 `selective_backward` in their own DDP / FSDP2 loop (examples/ddp_train.py, examples/fsdp_train.py) or use the
 Trainer integration.
@@ -47,10 +52,11 @@ from fastsel.engine.model_io import (
     vocab_size,
 )
 from fastsel.engine.sharded import is_sharded
-from fastsel.selection.rules import Selection, select, select_indices
+from fastsel.selection.rules import NORM_STRATEGIES, Selection, select, select_indices
 from fastsel.training import checkpoint as ckpt
 from fastsel.training import distributed
 from fastsel.training.options import check_number, check_step_options, is_int
+from fastsel.training.reference_schedule import ReferenceSchedule, check_reference_options
 from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
 from fastsel.training.rows import DataOrder, check_dataset
 from fastsel.training.selective import selective_backward
@@ -58,7 +64,6 @@ from fastsel.utils import atomic_replace_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-NORM_STRATEGIES = ("moderate", "low", "high")
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # need a metric each step
 
 
@@ -68,7 +73,7 @@ class TrainConfig:
 
     batch_size: int = 32  # candidate rows per micro-batch; selection keeps max(1, floor(ratio * batch_size))
     ratio: float = 0.2  # fraction kept per micro-batch
-    strategy: str = "moderate"  # moderate | low | high | random | full (full = no selection)
+    strategy: str = "moderate"  # moderate | low | high | random | full (no selection) | gradshield | harmful_similarity
     loss_band: float | None = 1.0  # candidates: |L_i - mean L| <= loss_band * std L (None: all)
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -96,6 +101,10 @@ class TrainConfig:
     max_steps: int | None = None  # if set, train exactly this many steps (cycling epochs; `epochs` ignored)
     packing: bool | str = "auto"  # pack each micro-batch padding-free: True | False | "auto" (where the model can)
     max_packed_tokens: int | None = None  # packed rows of at most this many tokens (None: one row per micro-batch)
+    reference: Any = None  # gradshield / harmful_similarity: fixed reference gradient dict(s)
+    reference_batches: list[Any] | None = None  # ... or batches per reference, recomputed every reference_every
+    reference_every: int = 0  # optimizer steps between recomputations (0: computed once, at the start)
+    gradshield_budget: float = 0.0  # gradshield: largest kept set with summed first-order safety change <= this
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able view (the EWC tensors are replaced by a marker)."""
@@ -104,6 +113,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, Mapping):
                 value = f"<{len(value)} tensors>"
+            elif f.name in ("reference", "reference_batches") and value is not None:
+                value = f"<{len(value)} {f.name.replace('_', ' ')}>"
             out[f.name] = value
         return out
 
@@ -139,7 +150,9 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
     check_number("max_grad_norm", cfg.max_grad_norm, low=0, inclusive=False, optional=True)
     for name in ("weight_decay", "kl_coef", "ewc_coef"):
         check_number(name, getattr(cfg, name), low=0, inclusive=True)
-    if cfg.strategy != "full" and cfg.ratio * cfg.batch_size < 1:
+    check_reference_options(cfg.strategy, cfg.reference, cfg.reference_batches, cfg.reference_every,
+                            cfg.gradshield_budget)
+    if cfg.strategy not in ("full", "gradshield") and cfg.ratio * cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size} with ratio={cfg.ratio} keeps less than one example "
                          f"per candidate batch: use batch_size >= {math.ceil(1 / cfg.ratio)} (= 1/ratio) or "
                          "strategy 'full'")
@@ -206,11 +219,13 @@ def _pad_token_id(cfg: TrainConfig, model: nn.Module) -> int:
 
 # -------------------------------------------------------------------------------------------- one micro-batch
 
-def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int) -> Selection:
-    """Algorithm 1 without touching `.grad`: norms only for the strategies that need them."""
+def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int,
+                 reference: Any = None) -> Selection:
+    """Algorithm 1 without touching `.grad`: norms (and dots) only for the strategies that need them."""
     options = dict(ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band, seed=seed)
-    if cfg.strategy in NORM_STRATEGIES:
-        return select(batch, model, backend=cfg.backend, **options)
+    if cfg.strategy in NORM_STRATEGIES or reference is not None:
+        return select(batch, model, backend=cfg.backend, reference=reference,
+                      gradshield_budget=cfg.gradshield_budget, **options)
     with torch.no_grad():
         prepared = prepare_for(model, batch)
         losses = per_example_losses(forward_logits(model, prepared), prepared["labels"], prepared["segments"])
@@ -411,6 +426,9 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
 
+    # -- the reference gradients of a reference strategy (checked against the model now)
+    references = ReferenceSchedule(cfg.strategy, cfg.reference, cfg.reference_batches, cfg.reference_every)
+
     # -- resume: parameters, optimizer, scheduler, RNG, data position, log
     step, history = 0, []
     if out_dir:
@@ -427,6 +445,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
         position = state.trainer_state
         order.load_state(position["epoch"], position["position"], state.rng["data_order"])
         step = state.step
+        references.load_state_dict(state.extra, model)
         if ckpt_root is not None and resume_from.parent.resolve() == ckpt_root.resolve():
             for moved in ckpt.set_aside_after(ckpt_root, step):
                 warnings.warn(f"checkpoint newer than the resumed step {step} set aside as {moved}",
@@ -445,7 +464,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
         rng = {**ckpt.capture_rng(), "data_order": order.generator_state()}
         return ckpt.save_checkpoint(ckpt_root, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                                     rng=rng, trainer_state=trainer_state, config=cfg.to_json(),
-                                    keep_last=cfg.keep_last)
+                                    keep_last=cfg.keep_last, extra=references.state_dict())
 
     # -- the loop
     from tqdm.auto import tqdm
@@ -462,7 +481,9 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
             micro_start = step * cfg.grad_accum
             n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum,
                                                                      total_micro - micro_start)
-            kept_ids, dropped_ids, kept_losses, all_losses, norms, passes = [], [], [], [], [], []
+            kept_ids, dropped_ids, kept_losses, all_losses, norms, passes, scores = [], [], [], [], [], [], []
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                reference = references.get(model, step)
             for m in range(n_micro):
                 epoch, rows = order.next()
                 features = [dataset[i] for i in rows]
@@ -471,14 +492,16 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                 seed = _micro_seed(cfg.seed, micro_start + m)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
-                        selection = _select_only(batch, model, cfg, seed)
+                        selection = _select_only(batch, model, cfg, seed, reference)
                         if selection.num_selected:
                             _regularized_backward(batch, model, cfg, selection.indices, 1.0 / n_micro)
                     else:
                         selection = selective_backward(batch, model, ratio=cfg.ratio, strategy=cfg.strategy,
                                                        loss_band=cfg.loss_band, single_pass=cfg.single_pass,
                                                        seed=seed, scale=1.0 / n_micro, backend=cfg.backend,
-                                                       sync=m == n_micro - 1)  # DDP: reduce once per step
+                                                       sync=m == n_micro - 1,  # DDP: reduce once per step
+                                                       reference=reference,
+                                                       gradshield_budget=cfg.gradshield_budget)
                 mask = selection.mask.tolist()
                 losses = selection.losses.tolist()
                 passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows "
@@ -487,8 +510,10 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                 dropped_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if not keep]
                 kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
                 all_losses += losses
-                if cfg.strategy in NORM_STRATEGIES:
+                if cfg.strategy in NORM_STRATEGIES or reference is not None:
                     norms += selection.grad_norms.tolist()
+                if selection.scores is not None:
+                    scores += selection.scores.tolist()
 
             lr = scheduler.get_last_lr()[0]
             skipped = not kept_ids
@@ -509,6 +534,9 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                       "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
                       "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,
                       "dropped_ids": dropped_ids, "pass_reasons": passes}
+            if reference is not None:  # the reference strategies' scores (positive: judged harmful)
+                record.update(score_mean=_mean(scores), scored_harmful=sum(1 for v in scores if v > 0),
+                              reference_step=references.computed_at)
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")

@@ -28,13 +28,12 @@ import torch
 from torch import Tensor
 
 from fastsel.engine.targets import Target
-from fastsel.selection.rules import candidate_mask
+from fastsel.selection.rules import NORM_STRATEGIES, candidate_mask, needs_measurement
 from fastsel.training import distributed
 from fastsel.utils import format_bytes
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the budget on devices other than CUDA (CPU)
 CUDA_FREE_FRACTION = 0.5  # share of the free CUDA memory the adaptive budget allows the per-example gradients
-NORM_STRATEGIES = ("moderate", "low", "high")
 
 FALLBACK_WARNING = ("selective_backward: the per-example gradients of the single-pass step do not fit the memory "
                     "budget: falling back to the two-pass step (Selection.pass_reason says why, per call)")
@@ -75,13 +74,14 @@ class PassPlan:
 
     @property
     def may_single(self) -> bool:
-        """Whether the norm pass needs the plan (a norm strategy, single pass not refused by the options)."""
-        return self.strategy in NORM_STRATEGIES and self.single_pass is not False
+        """Whether the norm pass needs the plan (a strategy measuring norms or dots, single pass not refused by
+        the options)."""
+        return needs_measurement(self.strategy) and self.single_pass is not False
 
     def settle_without_norm_pass(self) -> None:
         """The decision when `keep_rows` is never called."""
         self.single = False
-        if self.strategy not in NORM_STRATEGIES:
+        if not needs_measurement(self.strategy):
             self.reason = f"one pass over the kept rows: strategy {self.strategy!r} needs no gradient norms"
         else:
             self.reason = "two pass: single_pass=False"
@@ -94,15 +94,16 @@ class PassPlan:
     def keep_rows(self, losses: Tensor) -> Tensor | None:
         all_losses, offset = distributed.gather_rows(losses)
         all_losses = all_losses.detach().float().cpu()
-        if bool(torch.isfinite(all_losses).all()):
+        if self.strategy in NORM_STRATEGIES and bool(torch.isfinite(all_losses).all()):
             candidates = candidate_mask(all_losses, self.loss_band)
-        else:  # no band on non-finite losses: the norm pass refuses them after its backward
+        else:  # the reference strategies use no loss band; none on non-finite losses (refused after the backward)
             candidates = torch.ones(all_losses.numel(), dtype=torch.bool)
         local = candidates[offset: offset + losses.numel()].nonzero().flatten()
         budget, source = self.budget()
         per_rank = distributed.gather_ints([local.numel() * self.row_bytes, budget])  # the same on every rank
         fits = all(needed <= allowed for needed, allowed in per_rank)
-        what = f"{int(candidates.sum())} of {all_losses.numel()} row(s) in the loss band"
+        band = "in the loss band" if self.strategy in NORM_STRATEGIES else f"selectable ({self.strategy}: no loss band)"
+        what = f"{int(candidates.sum())} of {all_losses.numel()} row(s) {band}"
         if len(per_rank) == 1:
             what += f": {format_bytes(per_rank[0][0])} of per-example gradients, budget {format_bytes(budget)}"
         else:  # the rank closest to (or furthest over) its budget

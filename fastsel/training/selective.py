@@ -10,6 +10,9 @@ backward. Two pass: norm pass, then forward+backward of the selected rows. 'auto
 per-example gradients of the rows inside the loss band fit the memory budget, decided between the norm pass's
 forward and backward (fastsel.training.memory); `Selection.pass_reason` says which step ran and why.
 
+Reference strategies (`gradshield`, `harmful_similarity`): the same norm pass also measures every example's
+exact dot with the reference gradients (`reference=`), and the strategy's rule keeps examples by those dots.
+
 Gradient accumulation under DDP: pass `sync=False` for every micro-batch of an optimizer step but the last. The
 selection still gathers all ranks' losses and norms every call (global selection; B floats), but only the last
 call (`sync=True`) communicates gradients. The mechanism is DDP's own: each rank adds to `.grad` its share, world
@@ -50,9 +53,17 @@ from fastsel.engine.batch import check_batch, take_examples
 from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
 from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass
+from fastsel.engine.references import ReferenceLike, prepare_references
 from fastsel.engine.sharded import ForwardLeaves, is_sharded
 from fastsel.engine.targets import Target, find_targets
-from fastsel.selection.rules import Selection, select_indices
+from fastsel.selection.rules import (
+    GradShieldRule,
+    Selection,
+    check_budget,
+    check_reference_option,
+    needs_measurement,
+    select_indices,
+)
 from fastsel.training import distributed, fsdp
 from fastsel.training.memory import PassPlan, row_bytes
 from fastsel.training.options import check_step_options
@@ -244,7 +255,8 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
                        strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
                        memory_budget_bytes: int | None = None, sync: bool = True,
-                       token_stats: bool = False) -> Selection:
+                       token_stats: bool = False, reference: ReferenceLike | None = None,
+                       gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
     `batch`: padded or packed (one example per sequence; the two-pass step packs the selected sequences into one
@@ -269,6 +281,11 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     `model.zero_grad()`, with `set_to_none` True or False) drops the window and the check; a plain
     `loss.backward()` onto the unreduced `.grad` does not.
 
+    `reference` (strategies 'gradshield' and 'harmful_similarity' only, required there): gradient dicts over the
+    trainable parameters (`fastsel.reference_gradient`), checked before anything runs; under DDP every rank must
+    pass the same reference. `gradshield_budget` / `gradshield_rule`: see `fastsel.selection.rules`. On a packed
+    batch the dots are per sequence, like the norms.
+
     Refused before anything reaches `.grad`: a malformed batch (TypeError / ValueError naming the key), token ids
     or labels outside the model's vocabulary (naming example and position), a non-finite loss (every strategy)
     or gradient norm (the norm strategies), naming the examples.
@@ -278,21 +295,25 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
         raise TypeError(f"sync must be a bool, got {sync!r}")
     check_step_options(ratio=ratio, strategy=strategy, loss_band=loss_band, single_pass=single_pass,
                        backend=backend, memory_budget_bytes=memory_budget_bytes, scale=scale, seed=seed)
+    check_reference_option(strategy, reference)
+    check_budget(gradshield_budget)
     check_batch(batch)  # before any shape is read
     model, no_sync = _local_model(model)
     targets = find_targets(model, "trainable")
     sharded = is_sharded(model)
     if sharded:
         fsdp.check_sharded_targets(targets)
+    references = None if reference is None else prepare_references(reference, targets, model_device(model))
     prepared = prepare_for(model, batch)
-    needs_norms = strategy in ("moderate", "low", "high")
+    needs_norms = needs_measurement(strategy)
     plan = PassPlan(single_pass, strategy, loss_band, memory_budget_bytes, row_bytes(targets), model_device(model))
 
     with no_sync:
         stats: dict[str, Tensor] = {}
         if needs_norms:
             measured = norm_pass(prepared, model, backend=backend, targets=targets,
-                                 keep_rows=plan.keep_rows if plan.may_single else None, token_stats=token_stats)
+                                 keep_rows=plan.keep_rows if plan.may_single else None, token_stats=token_stats,
+                                 reference=references)
             losses, norms, stats = measured.losses, measured.norms, measured.token_stats
         else:
             with ForwardLeaves(model, targets) as recorded:
@@ -308,8 +329,15 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
         all_norms, _ = distributed.gather_rows(norms)
         if not needs_norms:  # the norm pass checked its losses; here nothing must reach .grad (every rank raises)
             check_finite(all_losses, "loss")
+        all_dots = None
+        if references is not None:  # [B] or [B, K]: gathered column by column
+            dots = measured.dots
+            columns = [distributed.gather_rows(c)[0] for c in (dots[:, None] if dots.dim() == 1 else dots).T]
+            all_dots = torch.stack(columns, dim=1) if dots.dim() == 2 else columns[0]
         selection = select_indices(all_losses, all_norms, ratio=ratio, strategy=strategy, loss_band=loss_band,
-                                   seed=distributed.shared_seed(seed) if strategy == "random" else seed)
+                                   seed=distributed.shared_seed(seed) if strategy == "random" else seed,
+                                   dots=all_dots, gradshield_budget=gradshield_budget,
+                                   gradshield_rule=gradshield_rule)
         local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + losses.numel())]
         local = local - offset
         selection.local_indices = local

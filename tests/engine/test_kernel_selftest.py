@@ -66,8 +66,31 @@ def _break(monkeypatch: pytest.MonkeyPatch, family: str, how: str) -> None:
             raise RuntimeError(f"simulated launch failure of {family}")
         return out * 1.01 if hit else out
 
+    real_dots, real_dots_alone, real_grouped_dots = (kernels.linear_sq_norms_dots, kernels.linear_dots,
+                                                      kernels.grouped_linear_sq_norms_dots)
+
+    def broken(out, hit: bool):  # noqa: ANN001, ANN202
+        if hit and how == "raise":
+            raise RuntimeError(f"simulated launch failure of {family}")
+        if not hit:
+            return out
+        return tuple(o * 1.01 for o in out) if isinstance(out, tuple) else out * 1.01
+
+    def dots(x, delta, refs, *, segments=None, **kw):  # noqa: ANN001, ANN003
+        return broken(real_dots(x, delta, refs, segments=segments, **kw), form(x, segments, "dots") == family)
+
+    def dots_alone(x, delta, refs, *, segments=None, **kw):  # noqa: ANN001, ANN003
+        return broken(real_dots_alone(x, delta, refs, segments=segments, **kw), form(x, segments, "dots") == family)
+
+    def grouped_dots(xs, deltas, refs, *, segments=None, **kw):  # noqa: ANN001, ANN003
+        return broken(real_grouped_dots(xs, deltas, refs, segments=segments, **kw),
+                      form(xs[0], segments, "grouped_dots") == family)
+
     monkeypatch.setattr(kernels, "linear_sq_norms", single)
     monkeypatch.setattr(kernels, "grouped_linear_sq_norms", grouped)
+    monkeypatch.setattr(kernels, "linear_sq_norms_dots", dots)
+    monkeypatch.setattr(kernels, "linear_dots", dots_alone)
+    monkeypatch.setattr(kernels, "grouped_linear_sq_norms_dots", grouped_dots)
 
 
 def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:

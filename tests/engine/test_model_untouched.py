@@ -4,34 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import lora, make_batch, tiny_model
+from tiny import assert_same, lora, make_batch, snapshot, tiny_model
 
 import fastsel
-
-
-def snapshot(model: torch.nn.Module) -> dict:
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
-    return {
-        "hooks": hooks,
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-    }
-
-
-def assert_same(before: dict, model: torch.nn.Module) -> None:
-    after = snapshot(model)
-    assert after["hooks"] == before["hooks"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["training"] == before["training"]
-    for name, g in before["grads"].items():
-        if g is None:
-            assert after["grads"][name] is None, name
-        else:
-            assert torch.equal(after["grads"][name], g), name
-    for name, w in before["weights"].items():
-        assert torch.equal(after["weights"][name], w), name
 
 
 @pytest.fixture

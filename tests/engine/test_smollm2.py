@@ -71,3 +71,20 @@ def test_packed_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
     expected = fastsel.grad_norms(packed, model, backend="naive")
     assert got.shape == (10,)
     assert float(((got - expected).abs() / expected).max()) <= 1e-4
+
+
+def test_grad_dots_with_a_refusal_reference_equal_naive_on_smollm2(smollm2) -> None:
+    """Acceptance: SmolLM2 + LoRA, R = the gradient of the refusal anchors' mean loss (the shipped refusal data
+    with the chat template): the one-pass dots equal the naive per-example loop's (<= 1e-4 of max |dot|)."""
+    from fastsel.experiments.data import refusal_anchor_batch
+    from fastsel.experiments.demo import demo_batch
+    from fastsel.utils import eval_mode
+
+    model, tokenizer = smollm2
+    batch, _ = demo_batch(tokenizer, 4, 64)
+    with eval_mode(model):
+        reference = fastsel.reference_gradient(refusal_anchor_batch(tokenizer, 4, max_length=64), model)
+        got = fastsel.grad_dots(batch, model, reference, backend="torch")
+        expected = fastsel.grad_dots(batch, model, reference, backend="naive")
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-4
+    assert bool((expected != 0).all())

@@ -132,3 +132,20 @@ def test_out_holding_another_config_is_one_line_in_the_cli(tmp_path: Path, monke
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "different config" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_reference_methods_run_beside_moderate(tmp_path: Path) -> None:
+    """gradshield and harmful_similarity in the pipeline: references from the shipped refusal data, recomputed
+    every step; listed in results.json beside the other methods; bad anchor paths refused up front."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(tasks=[{"name": "dolly", "max_train": 8, "max_eval": 2}], methods=["gradshield", "harmful_similarity"],
+               alignment={"enabled": False}, reference={"anchors": 4, "every": 1, "max_length": 64})
+    results = run_continual(raw, tmp_path / "out", report=False)
+    assert list(results["methods"]) == ["gradshield", "harmful_similarity"]
+    for method in ("gradshield", "harmful_similarity"):
+        log = [json.loads(line) for line in
+               (tmp_path / "out" / "runs" / method / "seed0" / "stage1" / "train" / "log.jsonl").read_text().splitlines()]
+        assert [r["reference_step"] for r in log] == [0, 1]
+        assert all(r["score_mean"] is not None for r in log)
+    with pytest.raises(ValueError, match="reference.compliance: file not found"):
+        validate_config({**raw, "reference": {"compliance": "/no/such/anchors.jsonl"}})

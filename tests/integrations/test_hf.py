@@ -147,6 +147,34 @@ def test_trainer_step_equals_select_and_manual_step(tmp_path, single_pass, check
         assert rel(got[name].detach() - start[name], p.detach() - start[name]) <= 1e-5, name
 
 
+def test_gradshield_with_recomputed_reference(tmp_path) -> None:
+    """strategy='gradshield', reference_batches + reference_every=1: each step keeps what `fastsel.select` keeps
+    with the reference of that step's weights (eval mode), and its update is that selection's."""
+    from fastsel.utils import eval_mode
+
+    rows = token_rows(16, seed=2)
+    anchors = make_batch([6, 8, 5], seed=30)
+    model, ref = new_model(), new_model()
+    capture = GradCapture()
+    config = SelectionConfig(strategy="gradshield", reference_batches=[anchors], reference_every=1,
+                             log_measurements=True)
+    trainer = SelectiveTrainer(model=model, args=training_args(tmp_path, max_steps=2, max_grad_norm=0.0),
+                               train_dataset=Dataset.from_list(rows), data_collator=pad_collator,
+                               fastsel_config=config, callbacks=[capture])
+    trainer.train()
+    log = trainer.fastsel_log
+    assert [e["reference_step"] for e in log] == [0, 1]
+    batch = batch_of(rows, log[0]["ids"])
+    with eval_mode(ref):
+        reference = fastsel.reference_gradient(anchors, ref)
+    sel = fastsel.select(batch, ref, strategy="gradshield", reference=reference)
+    assert sel.indices.tolist() == log[0]["kept_positions"] and sel.num_selected > 0
+    assert log[0]["scores"] == pytest.approx(sel.scores.tolist(), rel=1e-4, abs=1e-9)
+    fastsel.selective_backward(batch, ref, strategy="gradshield", reference=reference)
+    for name, p in trainable(ref).items():
+        assert rel(capture.grads[0][name], p.grad) <= 1e-5, name
+
+
 def test_gradient_accumulation_two_micro_batches(tmp_path, monkeypatch) -> None:
     """GA=2: the accumulated gradient is 1/2 (grad of kept-mean loss, micro-batch 1 + micro-batch 2); the
     Trainer's num_items_in_batch (a token count over all candidates) plays no part. Only the window's last
@@ -327,6 +355,9 @@ def test_unsupported_batches_are_refused() -> None:
     (dict(memory_budget_bytes=-1), "memory_budget_bytes"),
     (dict(id_column=""), "id_column"),
     (dict(log_file=3), "log_file"),
+    (dict(strategy="gradshield"), "needs reference= or reference_batches"),
+    (dict(strategy="moderate", reference_batches=[{}]), "used only by"),
+    (dict(strategy="gradshield", reference={}, reference_every=3), "reference_every"),
 ])
 def test_bad_selection_config(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -35,7 +35,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     kernels = {k["kernel"] for k in report["kernels"]}
-    assert kernels == {"_instantiate_kernel", "_gram_sq_norm_kernel", "_outer_kernel"}
+    assert kernels == {"_instantiate_kernel", "_gram_sq_norm_kernel", "_outer_kernel", "_instantiate_dot_kernel",
+                       "_project_dot_kernel"}
     assert any(k["constexprs"].get("WRITE_GRADS") for k in report["kernels"])  # the single-pass variant
     for k in report["kernels"]:
         for arch, res in k["targets"].items():
@@ -70,6 +71,25 @@ def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.Mon
         site = aot.Site("t", 40, 8, 24, method=method, has_range=True, write_grads=write, segments=3 * packed,
                         max_length=31 if packed else None)
         planned = aot.site_launch(site)
+        assert ran[-1].kernel is planned.kernel
+        assert ran[-1].constexprs == planned.constexprs and ran[-1].num_warps == planned.num_warps
+        assert ran[-1].grid == planned.grid
+
+
+def test_dot_site_launch_is_the_launch_linear_dot_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the dot kernels: fused instantiate (norm + dots) and project."""
+    import torch
+    from fastsel.kernels import aot, linear_dot
+    from fastsel.kernels.launch import Launch
+
+    ran: list[Launch] = []
+    monkeypatch.setattr(Launch, "__call__", lambda self: ran.append(self))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, delta = torch.randn(2, 40, 24, device=dev), torch.randn(2, 40, 8, device=dev)
+    refs = torch.randn(2, 8, 24, device=dev)
+    for method in ("instantiate", "project"):
+        linear_dot.linear_sq_norms_dots(x, delta, refs, method=method, valid_range=torch.tensor([40, 7], device=dev))
+        planned = aot.site_launch(aot.Site("t", 40, 8, 24, method=method, has_range=True, dots=2))
         assert ran[-1].kernel is planned.kernel
         assert ran[-1].constexprs == planned.constexprs and ran[-1].num_warps == planned.num_warps
         assert ran[-1].grid == planned.grid

@@ -38,6 +38,9 @@ CASES: dict[str, dict[str, Any]] = {
     # k = 1: one rank holds no selected row
     "moderate_single_k1": dict(strategy="moderate", single_pass=True, sizes=(5, 5), ratio=0.1),
     "moderate_two_pass_k1": dict(strategy="moderate", single_pass=False, sizes=(5, 5), ratio=0.1),
+    # reference strategies: every rank passes the same reference; the dots are gathered like the norms
+    "gradshield_unequal": dict(strategy="gradshield", single_pass=True, sizes=(7, 4), ratio=0.3),
+    "harmful_similarity_two_pass": dict(strategy="harmful_similarity", single_pass=False, sizes=(5, 6), ratio=0.3),
 }
 # Accumulation window: per micro-batch the selective_backward options (every code path: single pass, two pass, no
 # norms) and the ranks' row counts; `empty_last` keeps no example in the last (syncing) micro-batch (loss_band=0).
@@ -69,10 +72,21 @@ def case_model() -> torch.nn.Module:
     return lora(tiny_model("llama", seed=0), r=4)
 
 
+def case_reference(strategy: str) -> Any:
+    """The reference of a reference strategy, from the (deterministic) case model and fixed anchor batches."""
+    if strategy == "gradshield":
+        return fastsel.reference_gradient(make_batch([6, 8, 5], seed=40), case_model())
+    if strategy == "harmful_similarity":
+        return [fastsel.reference_gradient(make_batch([6, 8, 5], seed=s), case_model(), normalize=True)
+                for s in (41, 42)]
+    return None
+
+
 def step_kwargs(name: str) -> dict[str, Any]:
     opts = CASES[name]
     return dict(ratio=opts["ratio"], strategy=opts["strategy"], single_pass=opts["single_pass"],
-                seed=opts.get("seed"), scale=opts.get("scale", 1.0), backend="torch")
+                seed=opts.get("seed"), scale=opts.get("scale", 1.0), backend="torch",
+                reference=case_reference(opts["strategy"]))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

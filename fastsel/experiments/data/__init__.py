@@ -3,7 +3,8 @@
 Registry: ``load_task(name, source=None, split="train")`` for name in `TASK_NAMES`
 (dolly, gsm8k, medmcqa, squad_v2, alpaca, format_mix); see `fastsel.experiments.data.tasks`. Safety sets: `load_harmful_probes`,
 `load_benign_lookalikes`, `load_advbench`, `load_harmbench`, `load_safety_refusals`, `load_helpful`.
-Training features: `tokenize_example`, `tokenize_examples`, `collate`.
+Training features: `tokenize_example`, `tokenize_examples`, `collate`. Reference batches of the safety-aware
+strategies: `refusal_anchor_batch`, `compliance_anchor_batch` (`fastsel.experiments.data.anchors`).
 
 Importing this package is cheap: the submodules (and datasets / transformers / torch) load on first use.
 """
@@ -46,6 +47,12 @@ _LAZY = {
     "render_prompt": "fastsel.experiments.data.tokenize",
     "FALLBACK_CHAT_TEMPLATE": "fastsel.experiments.data.tokenize",
     "toy_tokenizer": "fastsel.experiments.data.toy",
+    "refusal_anchors": "fastsel.experiments.data.anchors",
+    "compliance_anchors": "fastsel.experiments.data.anchors",
+    "anchor_batch": "fastsel.experiments.data.anchors",
+    "refusal_anchor_batch": "fastsel.experiments.data.anchors",
+    "compliance_anchor_batch": "fastsel.experiments.data.anchors",
+    "COMPLIANCE_PREFIXES": "fastsel.experiments.data.anchors",
 }
 
 __all__ = ["TASK_NAMES", *_LAZY]
