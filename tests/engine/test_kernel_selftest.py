@@ -114,8 +114,9 @@ def test_each_check_catches_a_broken_kernel(family: str, how: str, first_use, mo
     result = S.run(family, S.Case(DEV, torch.float32, torch.float32))
     assert not result.ok
     assert ("max relative error" in result.detail) if how == "wrong" else ("RuntimeError" in result.detail)
-    others = [f for f in S.CHECKS if f != family]  # the breakage stays in its family
-    assert all(S.run(f, S.Case(DEV, torch.float32, torch.float32)).ok for f in others)
+    if how == "wrong":  # the breakage stays in its family ('raise' hits the same calls: checked once)
+        others = [f for f in S.CHECKS if f != family]
+        assert all(S.run(f, S.Case(DEV, torch.float32, torch.float32)).ok for f in others)
 
 
 @pytest.mark.parametrize("family,how", [("gram", "raise"), ("instantiate", "wrong"),

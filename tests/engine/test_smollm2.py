@@ -23,14 +23,22 @@ def smollm2():
     return model, tokenizer
 
 
-def test_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
+@pytest.fixture(scope="module")
+def samples(smollm2):
+    """The ten samples as a padded batch, and their naive one-sample-at-a-time norms (each sample alone, no
+    padding: the oracle of the padded and of the packed layout, computed once)."""
     from fastsel.experiments.demo import demo_batch
 
     model, tokenizer = smollm2
     batch, rows = demo_batch(tokenizer, 10, 128)
     assert len(rows) == 10 and batch["input_ids"].shape[0] == 10
+    return batch, fastsel.grad_norms(batch, model, backend="naive")
+
+
+def test_grad_norms_equal_naive_on_smollm2(smollm2, samples) -> None:
+    model, _ = smollm2
+    batch, expected = samples
     got = fastsel.grad_norms(batch, model, backend="torch")
-    expected = fastsel.grad_norms(batch, model, backend="naive")
     assert float(((got - expected).abs() / expected).max()) <= 1e-4
 
 
@@ -52,15 +60,15 @@ def test_smollm2_config_is_the_embedded_architecture(smollm2) -> None:
     assert got == expected
 
 
-def test_packed_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
+def test_packed_grad_norms_equal_naive_on_smollm2(smollm2, samples) -> None:
     """The same ten samples packed padding-free (rows of at most 512 tokens): per-sequence norms == the naive
-    one-sample-at-a-time oracle, and the packing probe passes for SmolLM2 (Llama, sdpa)."""
+    one-sample-at-a-time oracle (the samples alone: the same for both layouts), and the packing probe passes for
+    SmolLM2 (Llama, sdpa)."""
     from fastsel.engine.batch import pack
     from fastsel.engine.model_io import supports_packing
-    from fastsel.experiments.demo import demo_batch
 
-    model, tokenizer = smollm2
-    batch, _ = demo_batch(tokenizer, 10, 128)
+    model, _ = smollm2
+    batch, expected = samples
     keep = batch["attention_mask"].bool()
     features = [{"input_ids": batch["input_ids"][i][keep[i]].tolist(), "labels": batch["labels"][i][keep[i]].tolist()}
                 for i in range(10)]
@@ -68,7 +76,6 @@ def test_packed_grad_norms_equal_naive_on_smollm2(smollm2) -> None:
     assert packed["input_ids"].shape[0] >= 2 and packed["input_ids"].numel() < batch["input_ids"].numel()
     assert supports_packing(model, packed["input_ids"])
     got = fastsel.grad_norms(packed, model, backend="torch")
-    expected = fastsel.grad_norms(packed, model, backend="naive")
     assert got.shape == (10,)
     assert float(((got - expected).abs() / expected).max()) <= 1e-4
 
