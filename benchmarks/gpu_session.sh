@@ -12,8 +12,9 @@
 #   setup             80    pip install (no index, no deps; builds fastsel._C), GPU and versions  setup.log, device.txt
 #   selftest          40    the kernels' first-use self-test, every family, fp32/bf16/fp16       selftest.json
 #   tests            130    the GPU test subset, kernels compiled for real: tests/kernels (the    tests-*.xml, tests.log
-#                           `gpu`-marked bf16/fp16 ones included), triton end-to-end == naive,
-#                           the no-host-sync test, self-test, selective_backward; 3 pytest at once
+#                           `gpu`-marked bf16/fp16 ones included; norm and dot kernels), triton
+#                           end-to-end == naive (padded, packed, dots), the no-host-sync test,
+#                           self-test, selective_backward; 3 pytest at once
 #   headline-fp32     75    SmolLM2's architecture (random weights) B=32 T=512 fp32: plain,      headline-fp32/*.json
 #                           fastsel torch, fastsel triton, naive (all 32 rows); Moderate-G vs
 #                           full epoch (4 steps), single vs two pass: the JSON's `ratios` object
@@ -147,8 +148,8 @@ if dry; then
     groups=("selftest=tests/engine/test_kernel_selftest.py -k every_family_passes"
             "kernels=tests/kernels/test_kernels.py -k outer")
 else
-    groups=("kernels=tests/kernels/test_kernels.py"
-            "engine=tests/engine/test_norms.py tests/engine/test_kernel_selftest.py tests/engine/test_model_untouched.py tests/engine/test_batch.py"
+    groups=("kernels=tests/kernels/test_kernels.py tests/kernels/test_dot_kernels.py"
+            "engine=tests/engine/test_norms.py tests/engine/test_kernel_selftest.py tests/engine/test_model_untouched.py tests/engine/test_batch.py tests/engine/test_packed.py tests/engine/test_dots.py"
             "training=tests/training/test_selective.py tests/selection/test_ops.py tests/selection/test_rules.py")
 fi
 step tests 130 tests "${groups[@]}"

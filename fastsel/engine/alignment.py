@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.batch import prepare_batch
 from fastsel.engine.losses import check_finite, per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device
+from fastsel.engine.model_io import forward_logits, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
 from fastsel.engine.references import ReferenceLike
 from fastsel.engine.targets import find_targets
@@ -37,8 +36,9 @@ def _as_batches(batch: Batches) -> list[Mapping[str, Tensor]]:
 def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "trainable", normalize: bool = False,
                        backend: str = "auto", memory_budget_bytes: int = 1 << 30) -> dict[str, Tensor]:
     """The fp32 gradient of the mean per-example loss over a reference batch (or a list of batches, averaged over
-    all their examples), as {parameter name: tensor} over the parameters of `params` - the form `grad_dots`,
-    `norm_pass(reference=...)` and the reference strategies take. The model is left as found (no `.grad` written,
+    all their examples; padded or packed batches, a packed sequence being one example), as {parameter name: tensor}
+    over the parameters of `params` - the form `grad_dots`, `norm_pass(reference=...)` and the reference
+    strategies take. The model is left as found (no `.grad` written,
     modes unchanged); it runs in its current mode (wrap it in `fastsel.utils.eval_mode` for a dropout-free R).
 
     `normalize=True` gives He et al.'s anchor direction instead: the mean over the examples of their unit
@@ -51,15 +51,15 @@ def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "train
     batches = _as_batches(batch)
     targets = find_targets(model, params)
     device = model_device(model)
-    prepared = [prepare_batch(b, device) for b in batches]  # every batch checked before anything runs
-    total = sum(p["input_ids"].shape[0] for p in prepared)
+    prepared = [prepare_for(model, b) for b in batches]  # every batch checked before anything runs
+    total = sum(len(p["segments"]) for p in prepared)  # examples: rows, or the sequences of packed rows
     backend = resolve_backend(backend, model)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     summed: list[Tensor | None] = [None] * len(targets)
     numel = sum(t.param.numel() for t in targets)
     for raw, ready in zip(batches, prepared, strict=True):
-        rows = ready["input_ids"].shape[0]
+        rows = len(ready["segments"])
         if normalize and rows * numel * 4 <= memory_budget_bytes:  # one pass: the unit per-example gradients
             measured = norm_pass(raw, model, backend="torch" if backend == "naive" else backend, targets=targets,
                                  keep_grads=True)
@@ -75,7 +75,7 @@ def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "train
                 norms = norm_pass(raw, model, backend="torch" if backend == "naive" else backend,
                                   targets=targets).norms
                 weights = torch.where(norms > 0, weights / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        losses = per_example_losses(forward_logits(model, ready), ready["labels"])
+        losses = per_example_losses(forward_logits(model, ready), ready["labels"], ready["segments"])
         grads = backward_keeping_grads((losses * weights.to(losses.dtype)).sum(), model, [t.param for t in targets])
         check_finite(losses.detach(), "reference loss")
         for j, g in enumerate(grads):

@@ -18,8 +18,10 @@ too: tests, `benchmarks/gpu_session.sh --dry-run`), =off never (the kernels are 
 Extending: `CHECKS` maps a family name to a check function `check(case: Case) -> None`, which runs the family's
 kernels on small inputs on `case.device` in `case.x_dtype` / `case.delta_dtype` and calls `compare` (or raises)
 on any difference from the torch reference. A new kernel family adds ONE entry to `CHECKS` and asks
-`usable(family, ...)` in its dispatch before launching. Packed batches use the 'segment_*' families (several
-examples per row, given as (row, start, end) segments); padded batches the plain ones (one example per row).
+`usable(family, ...)` in its dispatch before launching. Families: the norm forms ('instantiate', 'gram',
+'outer', 'grouped', 'write_grads') and the gradient dots ('dots': fused instantiate + dots, Gram + project, dots
+alone; 'grouped_dots'). Packed batches use their 'segment_*' variants (several examples per row, given as
+(row, start, end) segments); padded batches the plain ones (one example per row).
 """
 
 from __future__ import annotations

@@ -209,6 +209,21 @@ def test_packed_dots_equal_the_naive_per_sequence_loop(backend: str) -> None:
     assert dot_err(fastsel.grad_dots(batch, model, refs[0], backend=backend), got.dots[:, 0]) <= 1e-6
 
 
+# normalize: one pass keeping the unit per-example gradients (budget), or a norm pass + a weighted pass (no budget)
+@pytest.mark.parametrize(("normalize", "budget"), [(False, 1 << 30), (True, 1 << 30), (True, 0)])
+def test_reference_gradient_of_packed_anchors_equals_the_padded_one(normalize: bool, budget: int) -> None:
+    """Anchors packed padding-free give the reference of the same anchors padded: the mean over the sequences of
+    their gradients (or unit gradients), each sequence one example."""
+    model = lora(tiny_model(), r=4)
+    lengths = [6, 9, 4, 7, 5]
+    padded, packed = make_batch(lengths), make_packed([lengths[:3], lengths[3:]])
+    kw = dict(normalize=normalize, memory_budget_bytes=budget)
+    expected = fastsel.reference_gradient(padded, model, **kw)
+    got = fastsel.reference_gradient([packed], model, **kw)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-8)
+
+
 def test_packed_dots_with_trainable_tied_embeddings_and_gram_sites(monkeypatch: pytest.MonkeyPatch) -> None:
     """Full fine-tuning on packed rows: the tied embedding (two calls) and the Gram-form sites, whose dots come
     from per-token terms summed per sequence; == naive."""
