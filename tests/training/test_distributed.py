@@ -10,17 +10,13 @@ With accumulation, gradients are all-reduced only on the micro-batch that passes
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import ddp_worker as worker
 import pytest
 import torch
+from torchrun import run_two_processes
 
 import fastsel
 from fastsel.engine.batch import prepare_batch
@@ -34,36 +30,12 @@ RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(text: str | bytes | None, n: int = 4000) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return (text or "")[-n:]
-
-
 @pytest.fixture(scope="module")
 def ddp_dir(tmp_path_factory) -> Path:
     """Run all cases in one 2-process torchrun job; fail fast (TIMEOUT_S) if it hangs."""
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("ddp_worker.py")), str(out), *worker.CASES, "trainer", "accum",
-           "trainer_accum"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: the session started here
-        output, _ = proc.communicate()
-        pytest.fail(f"the 2-process DDP run did not finish within {TIMEOUT_S} s (hang?):\n{_tail(output)}")
-    if proc.returncode != 0:
-        pytest.fail(f"the 2-process DDP run failed (exit {proc.returncode}):\n{_tail(output)}")
+    run_two_processes(Path(__file__).with_name("ddp_worker.py"),
+                      [str(out), *worker.CASES, "trainer", "accum", "trainer_accum"], timeout_s=TIMEOUT_S, what="DDP")
     return out
 
 

@@ -10,17 +10,13 @@ micro-batch, one per trainable parameter on it.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import fsdp_worker as worker
 import pytest
 import torch
+from torchrun import run_two_processes
 
 import fastsel
 from fastsel.engine.batch import prepare_batch
@@ -33,31 +29,12 @@ RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fsdp_dir(tmp_path_factory) -> Path:
     """Run all cases in one 2-process torchrun job; fail fast (TIMEOUT_S) if it hangs."""
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("fsdp_worker.py")), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: the session started here
-        output, _ = proc.communicate()
-        pytest.fail(f"the 2-process FSDP2 run did not finish within {TIMEOUT_S} s (hang?):\n"
-                    f"{output.decode(errors='replace')[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"the 2-process FSDP2 run failed (exit {proc.returncode}):\n"
-                    f"{output.decode(errors='replace')[-4000:]}")
+    run_two_processes(Path(__file__).with_name("fsdp_worker.py"), [str(out)],
+                      timeout_s=TIMEOUT_S, what="FSDP2")
     return out
 
 

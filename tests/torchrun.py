@@ -1,0 +1,36 @@
+"""Launch a 2-process gloo job on this machine for the DDP / FSDP2 tests (one launcher for both)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_two_processes(worker: Path, args: list[str], *, timeout_s: float, what: str) -> None:
+    """torchrun `worker` with `args` on 2 CPU processes (one thread each); fail the test with the output's tail if it
+    fails or does not finish within `timeout_s` (the whole process group is killed: no hang outlives the test)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: the session started here
+        output, _ = proc.communicate()
+        pytest.fail(f"the 2-process {what} run did not finish within {timeout_s} s (hang?):\n"
+                    f"{output.decode(errors='replace')[-4000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"the 2-process {what} run failed (exit {proc.returncode}):\n"
+                    f"{output.decode(errors='replace')[-4000:]}")
