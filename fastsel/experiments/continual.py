@@ -174,8 +174,8 @@ class MarginCurve:
 
     def on_step(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
-        if step % self.every:
-            return
+        if step % self.every or step == record.get("total_steps"):
+            return  # the last step's point is the stage's final evaluation (`points`), not measured twice
         start = time.time()
         margin = self.runner.margin(self.model)["margin"]
         self.seconds += time.time() - start

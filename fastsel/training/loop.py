@@ -384,7 +384,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     `dataset`: rows {"input_ids": [int], "labels": [int] (-100 = unsupervised), "id": optional}. Options: a
     TrainConfig and/or keyword overrides of its fields. `resume`: True (latest valid checkpoint in
     out_dir/checkpoints), a checkpoint directory, or a run directory. `on_step(record)` is called after each
-    step is logged and checkpointed. Everything is validated before the first step.
+    step is logged and checkpointed (record["step"] of record["total_steps"]). Everything is validated before
+    the first step.
     """
     # -- options, data and model checks (nothing runs before they pass)
     cfg = resolve_config(config, overrides)
@@ -529,7 +530,7 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            record = {"step": step, "epoch": epoch, "loss_kept": _mean(kept_losses),
+            record = {"step": step, "total_steps": total_steps, "epoch": epoch, "loss_kept": _mean(kept_losses),
                       "loss_all": _mean(all_losses), **_stats(norms), "kept": len(kept_ids),
                       "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
                       "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,

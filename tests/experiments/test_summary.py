@@ -79,7 +79,7 @@ def test_summary_means_intervals_and_ordering() -> None:
 
 def test_experiment_config_is_the_issue_design() -> None:
     cfg = load_config(EXPERIMENT)
-    assert {"low", "moderate", "random", "high", "full"} <= set(cfg.methods)
+    assert {"low", "moderate", "random", "high", "full", "gradshield"} <= set(cfg.methods)
     assert len(cfg.seeds) >= 3 and cfg.training.ratio == 0.2 and cfg.model == "smollm2"
     assert cfg.alignment.enabled and cfg.task_names == ["format_mix"]
     sa = cfg.safety
@@ -115,6 +115,8 @@ def test_tiny_experiment_results_schema(tiny_experiment: Path) -> None:
     for name in methods:
         for seed in ("0", "1"):  # base point, one point per step (batch 4, 8 rows: 2 steps)
             assert [p["step"] for p in results["curves"][name][seed]] == [0, 1, 2]
+            measured = (tiny_experiment / "runs" / name / f"seed{seed}" / "stage1" / "margin_curve.jsonl").read_text()
+            assert [json.loads(line)["step"] for line in measured.splitlines()] == [1]  # step 2: the final evaluation
     report = (tiny_experiment / "report.md").read_text()
     for heading in ("Safety after the last stage (Table 2 shape)", "Ordering high >= random >= moderate >= low",
                     "Refusal margin vs training step", "Sample audit", "terse answers (%)"):

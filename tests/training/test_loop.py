@@ -199,6 +199,7 @@ def test_epochs_scheduler_accumulation_and_datasets_input(tmp_path) -> None:
     assert result.steps == 5
     assert [r["candidates"] for r in result.history] == [8, 6, 6, 8, 2]
     assert [r["epoch"] for r in result.history] == [0, 1, 1, 2, 2]
+    assert [(r["step"], r["total_steps"]) for r in result.history] == [(s, 5) for s in range(1, 6)]
     assert result.history[0]["lr"] == 0.0 and result.history[1]["lr"] == pytest.approx(1e-3)
     assert result.history[2]["lr"] > result.history[3]["lr"] > result.history[4]["lr"] > 0
     ids = [i for r in result.history for i in r["kept_ids"] + r["dropped_ids"]]
