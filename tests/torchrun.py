@@ -1,4 +1,5 @@
-"""Launch a 2-process gloo job on this machine for the DDP / FSDP2 tests (one launcher for both)."""
+"""Launch a 2-process gloo job on this machine for the DDP / FSDP2 tests (one launcher for both), and the workers'
+common main."""
 from __future__ import annotations
 
 import os
@@ -6,9 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -34,3 +39,17 @@ def run_two_processes(worker: Path, args: list[str], *, timeout_s: float, what: 
     if proc.returncode != 0:
         pytest.fail(f"the 2-process {what} run failed (exit {proc.returncode}):\n"
                     f"{output.decode(errors='replace')[-4000:]}")
+
+
+def worker_main(argv: list[str], cases: Mapping[str, Callable[[str], None]], default: list[str]) -> int:
+    """A torchrun worker's body: the gloo process group, one thread, then every case named in argv[1:] (or
+    `default`) with the output folder argv[0]; the group is torn down even when a case fails."""
+    out_dir, names = argv[0], argv[1:] or default
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        for name in names:
+            cases[name](out_dir)
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny.py
 
 from tiny import lora, make_batch, tiny_model  # noqa: E402
+from torchrun import worker_main  # noqa: E402
 
 import fastsel  # noqa: E402
 
@@ -275,22 +276,9 @@ def run_trainer(out_dir: str, accumulation: int = 1) -> None:
 
 
 def main(argv: list[str]) -> int:
-    out_dir, names = argv[0], argv[1:] or list(CASES)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        for name in names:
-            if name == "trainer":
-                run_trainer(out_dir)
-            elif name == "trainer_accum":
-                run_trainer(out_dir, accumulation=ACCUM_STEPS)
-            elif name == "accum":
-                run_accumulation(out_dir)
-            else:
-                run_case(name, out_dir)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    cases = {**{name: partial(run_case, name) for name in CASES}, "trainer": run_trainer,
+             "trainer_accum": partial(run_trainer, accumulation=ACCUM_STEPS), "accum": run_accumulation}
+    return worker_main(argv, cases, default=list(CASES))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny.py
 
 from tiny import lora, make_batch, tiny_model  # noqa: E402
+from torchrun import worker_main  # noqa: E402
 
 import fastsel  # noqa: E402
 
@@ -186,18 +187,8 @@ def run_guard(out_dir: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    out_dir, names = argv[0], argv[1:] or [*CASES, "guard"]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        for name in names:
-            if name == "guard":
-                run_guard(out_dir)
-            else:
-                run_case(name, out_dir)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    cases = {**{name: partial(run_case, name) for name in CASES}, "guard": run_guard}
+    return worker_main(argv, cases, default=[*CASES, "guard"])
 
 
 if __name__ == "__main__":
