@@ -46,6 +46,10 @@ CASES: dict[str, list[dict[str, Any]]] = {
                      dict(strategy="moderate", single_pass=True, sizes=(4, 6), ratio=0.3, scale=0.5)],
     "accum_two_pass": [dict(strategy="moderate", single_pass=False, sizes=(5, 5), ratio=0.3, scale=0.5),
                        dict(strategy="random", single_pass="auto", sizes=(6, 4), ratio=0.3, scale=0.5, seed=3)],
+    # the reference strategies: every example's gradient dot with references computed on the unsharded model
+    "gradshield_single": [dict(strategy="gradshield", single_pass=True, sizes=(6, 5), ratio=0.25)],
+    "harmful_similarity_two_pass": [dict(strategy="harmful_similarity", single_pass=False, sizes=(5, 6),
+                                         ratio=0.3)],
 }
 
 
@@ -57,13 +61,29 @@ def micro_batch(name: str, micro: int) -> dict[str, torch.Tensor]:
     return make_batch(lengths, side=opts.get("side", "right"), seed=len(name) + 10 * micro)
 
 
+def references(strategy: str) -> Any:
+    """The reference strategies' references, from anchor batches on a fresh unsharded case model (the same on
+    every rank and in the single-process run); None for the other strategies."""
+    if strategy not in ("gradshield", "harmful_similarity"):
+        return None
+    model = case_model()
+    safe = fastsel.reference_gradient(make_batch([6, 8, 5, 7], seed=101), model,
+                                      normalize=strategy == "harmful_similarity", backend="torch")
+    if strategy == "gradshield":
+        return safe
+    harm = fastsel.reference_gradient(make_batch([7, 5, 9], seed=202), model, normalize=True, backend="torch")
+    return [harm, safe]
+
+
 def step_kwargs(name: str, micro: int, rank: int | None = None) -> dict[str, Any]:
     """selective_backward options of a micro-batch (the budget of `rank`; None: the single-process run's)."""
     opts = CASES[name][micro]
     budget = opts.get("budget")
+    reference = references(opts["strategy"])
     return dict(ratio=opts["ratio"], strategy=opts["strategy"], single_pass=opts["single_pass"],
                 seed=opts.get("seed"), scale=opts.get("scale", 1.0), backend="torch",
-                memory_budget_bytes=None if budget is None else budget[-1 if rank is None else rank])
+                memory_budget_bytes=None if budget is None else budget[-1 if rank is None else rank],
+                **({} if reference is None else {"reference": reference}))
 
 
 def case_model() -> torch.nn.Module:
@@ -135,6 +155,7 @@ def run_case(name: str, out_dir: str) -> None:
                                   "local_indices": selection.local_indices.tolist(),
                                   "single_pass": selection.single_pass, "pass_reason": selection.pass_reason,
                                   "norms": selection.grad_norms.clone(), "losses": selection.losses.clone(),
+                                  "scores": None if selection.scores is None else selection.scores.clone(),
                                   "reduce_scatters": counter.n - before, "grad_zero_after": local_grads_zero})
     finally:
         counter.close()

@@ -2,10 +2,10 @@
 
 One `torchrun --nproc_per_node 2 tests/training/fsdp_worker.py` run (module fixture, killed after TIMEOUT_S) executes
 every case of `fsdp_worker.CASES` and the guard case. Per case: the same global selection on both ranks as in one
-process, the same norms and losses, the full gradient gathered from the shards equal to a plain backward of the
-selected examples' mean loss (summed over micro-batches with their scale) and the same AdamW update (relative
-difference <= 1e-5); with accumulation, no gradient reduce-scatter (neither fastsel's nor FSDP's) before the last
-micro-batch, one per trainable parameter on it.
+process, the same norms, losses and (reference strategies) gradient-dot scores, the full gradient gathered from the
+shards equal to a plain backward of the selected examples' mean loss (summed over micro-batches with their scale)
+and the same AdamW update (relative difference <= 1e-5); with accumulation, no gradient reduce-scatter (neither
+fastsel's nor FSDP's) before the last micro-batch, one per trainable parameter on it.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def test_fsdp_equals_single_process(fsdp_dir: Path, name: str) -> None:
             assert rel(got["losses"], selection.losses) <= RTOL
             if selection.strategy in ("moderate", "low", "high"):  # the norm pass under FSDP2 is exact
                 assert rel(got["norms"], selection.grad_norms) <= RTOL
+            if selection.scores is not None:  # and so are the reference strategies' gradient dots
+                assert rel(got["scores"], selection.scores) <= RTOL
             last = m == n_micro - 1
             # no gradient communication before the window's last call, one reduce-scatter per parameter on it
             assert got["reduce_scatters"] == (res["n_trainable"] if last else 0)
