@@ -50,6 +50,11 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "gradshield_single": [dict(strategy="gradshield", single_pass=True, sizes=(6, 5), ratio=0.25)],
     "harmful_similarity_two_pass": [dict(strategy="harmful_similarity", single_pass=False, sizes=(5, 6),
                                          ratio=0.3)],
+    # packed (padding-free) rows: each rank packs its own sequences; one process packs them all
+    "packed_single": [dict(strategy="moderate", single_pass=True, sizes=(6, 5), ratio=0.3, packed=True)],
+    "packed_accum": [dict(strategy="high", single_pass=False, sizes=(5, 5), ratio=0.3, scale=0.5, packed=True),
+                     dict(strategy="moderate", single_pass="auto", sizes=(4, 6), ratio=0.3, scale=0.5,
+                          packed=True)],
 }
 
 
@@ -73,6 +78,19 @@ def references(strategy: str) -> Any:
         return safe
     harm = fastsel.reference_gradient(make_batch([7, 5, 9], seed=202), model, normalize=True, backend="torch")
     return [harm, safe]
+
+
+def rank_batch(name: str, micro: int, rows: range) -> dict[str, torch.Tensor]:
+    """The examples `rows` of micro-batch `micro` as one rank (or, with all rows, one process) gets them: padded
+    rows, or for a packed case the sequences packed into one padding-free row."""
+    batch = micro_batch(name, micro)
+    if not CASES[name][micro].get("packed"):
+        return {k: v[rows.start:rows.stop] for k, v in batch.items()}
+    from fastsel.engine.batch import pack
+
+    keep = batch["attention_mask"].bool()
+    return pack([{"input_ids": batch["input_ids"][i][keep[i]].tolist(), "labels": batch["labels"][i][keep[i]].tolist()}
+                 for i in rows], pad_token_id=0)
 
 
 def step_kwargs(name: str, micro: int, rank: int | None = None) -> dict[str, Any]:
@@ -145,7 +163,7 @@ def run_case(name: str, out_dir: str) -> None:
         for micro, opts in enumerate(CASES[name]):
             sizes = opts["sizes"]
             start = sum(sizes[:rank])
-            batch = {k: v[start:start + sizes[rank]] for k, v in micro_batch(name, micro).items()}
+            batch = rank_batch(name, micro, range(start, start + sizes[rank]))
             before = counter.n
             last = micro == len(CASES[name]) - 1
             selection = fastsel.selective_backward(batch, model, sync=last, **step_kwargs(name, micro, rank))

@@ -63,8 +63,9 @@ def single_process(name: str) -> dict[str, Any]:
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=worker.LR)
     torch.manual_seed(worker.RNG_SEED)
-    selections = [fastsel.selective_backward(worker.micro_batch(name, m), model, **worker.step_kwargs(name, m))
-                  for m in range(len(worker.CASES[name]))]
+    selections = [fastsel.selective_backward(worker.rank_batch(name, m, range(sum(case["sizes"]))), model,
+                                             **worker.step_kwargs(name, m))
+                  for m, case in enumerate(worker.CASES[name])]
     grads = {n: p.grad.clone() for n, p in params.items()}
     total = torch.zeros(())
     for m, selection in enumerate(selections):
