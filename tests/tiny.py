@@ -106,3 +106,27 @@ def assert_same(before: dict, model: torch.nn.Module) -> None:
             assert torch.equal(after["grads"][name], g), name
     for name, w in before["weights"].items():
         assert torch.equal(after["weights"][name], w), name
+
+
+class LinearTwice(torch.nn.Module):
+    """A toy LM (vocabulary 20) whose Linear `lin` runs twice per forward: a module reused within one pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.lin = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        h = torch.tanh(self.lin(torch.tanh(self.lin(self.emb(input_ids)))))
+        return (self.head(h),)
+
+
+def reused_module_case() -> tuple[LinearTwice, dict[str, torch.Tensor]]:
+    """LinearTwice (seeded) and a 3-example batch of its vocabulary."""
+    torch.manual_seed(0)
+    model = LinearTwice()
+    batch = make_batch([6, 4, 5])
+    batch["input_ids"] %= 20
+    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 20, batch["labels"])
+    return model, batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import assert_same, lora, make_batch, make_packed, snapshot, tiny_model
+from tiny import assert_same, lora, make_batch, make_packed, reused_module_case, snapshot, tiny_model
 
 import fastsel
 from fastsel.engine import dot_math, linear_math
@@ -128,22 +128,7 @@ def test_full_finetuning_tied_embeddings(tie: bool, instantiate: bool, monkeypat
 
 
 def test_reused_module_called_twice_adds_the_calls_dots() -> None:
-    class Twice(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(20, 8)
-            self.lin = torch.nn.Linear(8, 8)
-            self.head = torch.nn.Linear(8, 20, bias=False)
-
-        def forward(self, input_ids, attention_mask=None, **_):
-            h = self.emb(input_ids)
-            return (self.head(torch.tanh(self.lin(torch.tanh(self.lin(h))))),)
-
-    torch.manual_seed(0)
-    model = Twice()
-    batch = make_batch([6, 4, 5])
-    batch["input_ids"] %= 20
-    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 20, batch["labels"])
+    model, batch = reused_module_case()
     refs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
     check_against_naive(batch, model, refs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import lora, make_batch, make_packed, tiny_model
+from tiny import lora, make_batch, make_packed, reused_module_case, tiny_model
 
 import fastsel
 from fastsel.engine.norms import norm_pass
@@ -174,24 +174,7 @@ def test_params_lora_restricts_the_norm() -> None:
 
 def test_reused_module_called_twice_counts_the_sum() -> None:
     """A Linear applied twice per forward: the norm is of the summed gradient, not the sum of norms."""
-
-    class Twice(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(20, 8)
-            self.lin = torch.nn.Linear(8, 8)
-            self.head = torch.nn.Linear(8, 20, bias=False)
-
-        def forward(self, input_ids, attention_mask=None, **_):
-            h = self.emb(input_ids)
-            h = torch.tanh(self.lin(torch.tanh(self.lin(h))))
-            return (self.head(h),)
-
-    torch.manual_seed(0)
-    model = Twice()
-    batch = make_batch([6, 4, 5])
-    batch["input_ids"] %= 20
-    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 20, batch["labels"])
+    model, batch = reused_module_case()
     assert rel_err(fastsel.grad_norms(batch, model, backend="torch"), naive(batch, model)) <= 1e-5
 
 
