@@ -40,6 +40,13 @@ def lora(model: torch.nn.Module, *, r: int = 4, dropout: float = 0.0, targets: l
     return peft_model
 
 
+def full_finetune(model: torch.nn.Module) -> torch.nn.Module:
+    """Full fine-tuning: every parameter trainable except the norm layers' (no per-example rule for RMSNorm)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" not in name)
+    return model
+
+
 def make_batch(lengths: list[int], total: int | None = None, *, side: str = "right", seed: int = 1,
                prompt: int = 2) -> dict[str, torch.Tensor]:
     """Padded batch of random tokens; the first `prompt` tokens of each example are unsupervised."""

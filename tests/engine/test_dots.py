@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import assert_same, lora, make_batch, make_packed, reused_module_case, snapshot, tiny_model
+from tiny import (
+    assert_same,
+    full_finetune,
+    lora,
+    make_batch,
+    make_packed,
+    reused_module_case,
+    snapshot,
+    tiny_model,
+)
 
 import fastsel
 from fastsel.engine import dot_math, linear_math
@@ -96,12 +105,6 @@ def test_gradient_checkpointing(reentrant: bool) -> None:
     assert dot_err(norm_pass(batch, model, backend="torch", reference=refs).dots, expected) <= 1e-5
 
 
-def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:
-    for name, p in model.named_parameters():
-        p.requires_grad_("norm" not in name)
-    return model
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_trainable_embeddings_with_lora(tie: bool) -> None:
     model = lora(tiny_model("qwen2", tie=tie))
@@ -120,7 +123,7 @@ def test_full_finetuning_tied_embeddings(tie: bool, instantiate: bool, monkeypat
 
     if not instantiate:
         monkeypatch.setattr(accumulate, "INSTANTIATE_BUDGET_BYTES", 0)
-    model = _full_finetune(tiny_model(tie=tie))
+    model = full_finetune(tiny_model(tie=tie))
     model.model.embed_tokens.padding_idx = 5  # its row gets no gradient
     batch = make_batch([7, 12, 5, 3], side="right")
     batch["input_ids"][0, 3] = 5
@@ -158,7 +161,7 @@ def test_triton_backend_dots_match_torch_and_naive(case: str) -> None:
         model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
         batch = make_batch([7, 12, 5], side="left")
     else:
-        model = _full_finetune(tiny_model())
+        model = full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")
     refs = references(model)
     if torch.cuda.is_available():
@@ -213,7 +216,7 @@ def test_packed_dots_with_trainable_tied_embeddings_and_gram_sites(monkeypatch: 
     """Full fine-tuning on packed rows: the tied embedding (two calls) and the Gram-form sites, whose dots come
     from per-token terms summed per sequence; == naive."""
     monkeypatch.setattr("fastsel.engine.accumulate.INSTANTIATE_BUDGET_BYTES", 0)  # the Gram/mixed paths
-    model = _full_finetune(tiny_model("qwen2", tie=True))
+    model = full_finetune(tiny_model("qwen2", tie=True))
     check_against_naive(make_packed([[5, 4], [6]], prompt=1), model, references(model))
 
 
@@ -310,7 +313,7 @@ def test_bad_references_raise_naming_the_parameter_and_leave_the_model_as_found(
             norm_pass(make_batch([5, 7]), model, backend="torch", reference=bad)
         assert_same(before, model)
     with pytest.raises(KeyError, match="no gradient for trainable parameter 'model.embed_tokens.weight'"):
-        fastsel.grad_dots(make_batch([5, 7]), _full_finetune(tiny_model()), ref)  # a LoRA model's reference
+        fastsel.grad_dots(make_batch([5, 7]), full_finetune(tiny_model()), ref)  # a LoRA model's reference
 
 
 def test_reference_gradient_normalized_one_pass_equals_two_passes() -> None:

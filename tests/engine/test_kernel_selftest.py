@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import lora, make_batch, make_packed, tiny_model
+from tiny import full_finetune, lora, make_batch, make_packed, tiny_model
 
 import fastsel
 from fastsel.engine import kernel_selftest as S
@@ -93,12 +93,6 @@ def _break(monkeypatch: pytest.MonkeyPatch, family: str, how: str) -> None:
     monkeypatch.setattr(kernels, "grouped_linear_sq_norms_dots", grouped_dots)
 
 
-def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:
-    for name, p in model.named_parameters():
-        p.requires_grad_("norm" not in name)
-    return model
-
-
 def test_every_family_passes_on_the_real_kernels(first_use) -> None:
     report = S.run_all(DEV, (torch.float32,))
     name = S.device_name(DEV)
@@ -125,7 +119,7 @@ def test_auto_falls_back_to_torch_with_one_warning(family: str, how: str, first_
                                                    monkeypatch) -> None:
     """The failing family's sites get the torch math, the others keep the kernels; exact norms either way."""
     _break(monkeypatch, family, how)
-    model = _full_finetune(tiny_model()) if family == "gram" else lora(tiny_model(), r=4)
+    model = full_finetune(tiny_model()) if family == "gram" else lora(tiny_model(), r=4)
     packed = family.startswith("segment_")
     batch = make_packed([[5, 4], [6]]) if packed else make_batch([7, 5, 6], side="left")
     if DEV.type == "cuda":

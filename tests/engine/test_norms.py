@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import lora, make_batch, make_packed, reused_module_case, tiny_model
+from tiny import full_finetune, lora, make_batch, make_packed, reused_module_case, tiny_model
 
 import fastsel
 from fastsel.engine.norms import norm_pass
@@ -32,7 +32,7 @@ def test_lora_matches_naive_fp32(kind: str, side: str) -> None:
 def test_left_padding_with_a_supervised_first_token_equals_unpadded(params: str) -> None:
     """The first real token carries a label (prompt=0): under left padding it follows a pad, so it is no target,
     as in the unpadded example. Norms and losses: left == right == each example alone == naive."""
-    model = lora(tiny_model(), r=4) if params == "lora" else _full_finetune(tiny_model())
+    model = lora(tiny_model(), r=4) if params == "lora" else full_finetune(tiny_model())
     lengths = [7, 12, 5, 9]
     left, right = (make_batch(lengths, side=side, prompt=0) for side in ("left", "right"))
     alone = [norm_pass({k: v[i:i + 1, :n] for k, v in right.items()}, model, backend="torch")
@@ -116,15 +116,9 @@ def test_trainable_embeddings_with_lora() -> None:
     assert any("embed_tokens" in n for n in layers)
 
 
-def _full_finetune(model: torch.nn.Module) -> torch.nn.Module:
-    for name, p in model.named_parameters():
-        p.requires_grad_("norm" not in name)
-    return model
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_full_finetuning_linear_and_tied_embeddings(tie: bool) -> None:
-    model = _full_finetune(tiny_model(tie=tie))
+    model = full_finetune(tiny_model(tie=tie))
     if tie:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     batch = make_batch([7, 12, 5, 3], side="right")
@@ -136,14 +130,14 @@ def test_tied_embeddings_gram_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastsel.engine import accumulate
 
     monkeypatch.setattr(accumulate, "INSTANTIATE_BUDGET_BYTES", 0)
-    model = _full_finetune(tiny_model(tie=True))
+    model = full_finetune(tiny_model(tie=True))
     model.config.pad_token_id = None
     batch = make_batch([7, 12, 5, 3], side="left")
     assert rel_err(fastsel.grad_norms(batch, model, backend="torch"), naive(batch, model)) <= 1e-5
 
 
 def test_embedding_padding_idx_rows_get_no_gradient() -> None:
-    model = _full_finetune(tiny_model())
+    model = full_finetune(tiny_model())
     model.model.embed_tokens.padding_idx = 5
     batch = make_batch([9, 11])
     batch["input_ids"][0, 3] = 5
@@ -209,7 +203,7 @@ def test_triton_backend_matches_naive(case: str) -> None:
         model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
         batch = make_batch([7, 12, 5], side="left", prompt=0)  # a supervised first token after the pads
     else:
-        model = _full_finetune(tiny_model())
+        model = full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")
     if torch.cuda.is_available():  # compiled kernels need CUDA tensors (the interpreter runs on CPU ones)
         model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
