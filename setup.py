@@ -1,14 +1,13 @@
 """Build script: the Python packages plus the optional C++ selection extension `fastsel._C`.
 
-`kernels/` is installed as `fastsel.kernels`. The extension is built with torch's cpp_extension; when no
+The extension is built with torch's cpp_extension; when no
 compiler is available the build is skipped and fastsel falls back to its pure-torch selection ops at run time.
 """
 
 from setuptools import find_packages, setup
 
 # the shipped data folder is a package of its own (data files only), so setuptools installs it without warning
-packages = [*find_packages(include=["fastsel", "fastsel.*"]), "fastsel.experiments.data.files", "fastsel.kernels"]
-package_dir = {"fastsel": "fastsel", "fastsel.kernels": "kernels"}
+packages = [*find_packages(include=["fastsel", "fastsel.*"]), "fastsel.experiments.data.files"]
 
 ext_modules = []
 cmdclass = {}
@@ -22,7 +21,6 @@ except ImportError:  # torch missing at build time: pure-python install, JIT/fal
 
 setup(
     packages=packages,
-    package_dir=package_dir,
     package_data={"fastsel.experiments.data.files": ["*.jsonl", "*.md"], "fastsel": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

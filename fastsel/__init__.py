@@ -3,14 +3,18 @@
 
 Public API: `grad_norms`, `select`, `Selection`, `backends`; gradient alignment: `reference_gradient`,
 `grad_dots`, `norm_pass(..., reference=R)`; training: `selective_backward`, `train`.
-Nothing registers itself as an import side effect; heavy modules load on first use.
+Nothing registers itself as an import side effect; heavy modules load on first use. The one exception: two
+messages of installed packages addressed to their authors are silenced (`fastsel.foreign_noise`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastsel import foreign_noise
+
 __version__ = "0.1.0"
+foreign_noise.silence()
 
 _LAZY = {
     "grad_norms": ("fastsel.engine.norms", "grad_norms"),

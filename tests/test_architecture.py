@@ -1,5 +1,5 @@
 """The house: a light core that imports without the experiment extras, public names never shadowed by submodules,
-kernels/ importing only torch and triton. (The layer direction itself is checked by `lint-imports` in make test.)"""
+fastsel/kernels/ importing only torch and triton. (The layer direction itself is checked by `lint-imports` in make test.)"""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_public_names_survive_importing_every_submodule() -> None:
 
 def test_kernels_import_only_torch_and_triton() -> None:
     allowed = {"torch", "triton", "__future__"} | set(sys.stdlib_module_names)
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "fastsel" / "kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

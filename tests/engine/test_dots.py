@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import (
     assert_same,
     full_finetune,
@@ -153,10 +154,7 @@ def test_keep_grads_and_params_lora() -> None:
 def test_triton_backend_dots_match_torch_and_naive(case: str) -> None:
     """Through the Triton dot kernels (CPU interpreter here): fused instantiate+dot (LoRA), Gram norms + the
     delta^T R x kernel (full fine-tuning, short T), grouped launches; == torch and == naive."""
-    from fastsel import kernels
-
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
     if case == "lora-left":
         model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
         batch = make_batch([7, 12, 5], side="left")
@@ -184,10 +182,7 @@ def test_packed_dots_equal_the_naive_per_sequence_loop(backend: str) -> None:
     reduced with Segments.sum (and the per-sequence gradients where the norm instantiates); triton: the dot
     kernels over the (row, start, end) segments (CPU interpreter here)."""
     if backend == "triton":
-        from fastsel import kernels
-
-        if not kernels.available():
-            pytest.skip("triton not installed")
+        need_kernels()
     model = lora(tiny_model(), r=4)
     refs = references(model)
     batch = make_packed(PACKED_ROWS, pad=3, prompt=1)

@@ -9,17 +9,15 @@ import warnings
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import full_finetune, lora, make_batch, make_packed, tiny_model
 
 import fastsel
 from fastsel.engine import kernel_selftest as S
 from fastsel.engine import norms
 
-pytest.importorskip("triton")
-from fastsel import kernels  # noqa: E402
-
-pytestmark = [pytest.mark.skipif(not kernels.available(), reason="needs triton and CUDA or TRITON_INTERPRET=1"),
-              pytest.mark.usefixtures("one_thread")]
+kernels = need_kernels()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

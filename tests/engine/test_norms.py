@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import full_finetune, lora, make_batch, make_packed, reused_module_case, tiny_model
 
 import fastsel
@@ -195,10 +196,7 @@ def test_norm_pass_keep_grads_equal_naive_per_example_grads() -> None:
 def test_triton_backend_matches_naive(case: str) -> None:
     """End to end through the Triton kernels (the CPU interpreter here, compiled kernels on a GPU), grouped
     launches, instantiate (LoRA) and Gram (full fine-tuning, short T) forms."""
-    from fastsel import kernels
-
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
     if case == "lora-left":
         model = lora(tiny_model(), r=4, targets=["q_proj", "v_proj", "down_proj"])
         batch = make_batch([7, 12, 5], side="left", prompt=0)  # a supervised first token after the pads
@@ -217,11 +215,9 @@ def test_triton_backend_matches_naive(case: str) -> None:
 def test_no_host_sync_in_backward_or_norm_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backward with its capture hooks and the grouped kernel launches after it never wait on the GPU
     (torch.cuda sync debug mode 'error' raises on any device-to-host copy or synchronize)."""
-    from fastsel import kernels
     from fastsel.engine import norms
 
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
 
     def strict(fn):
         def run(*args, **kwargs):

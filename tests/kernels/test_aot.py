@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs import need_module
 
-triton = pytest.importorskip("triton")
+triton = need_module("triton")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
@@ -55,6 +56,7 @@ def test_refuses_interpreted_kernels() -> None:
 def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.MonkeyPatch) -> None:
     """What aot.py compiles is what the launcher runs: same kernel, constexprs, warps and grid for one site."""
     import torch
+
     from fastsel.kernels import aot, linear_norm
     from fastsel.kernels.launch import Launch
 
@@ -79,6 +81,7 @@ def test_site_launch_is_the_launch_linear_sq_norms_makes(monkeypatch: pytest.Mon
 def test_dot_site_launch_is_the_launch_linear_dot_makes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same for the dot kernels: fused instantiate (norm + dots) and project."""
     import torch
+
     from fastsel.kernels import aot, linear_dot
     from fastsel.kernels.launch import Launch
 

@@ -10,21 +10,15 @@ import importlib
 
 import pytest
 import torch
+from needs import need_kernels
 
-pytest.importorskip("triton")
+from fastsel.engine import dot_math as DM
+from fastsel.engine import linear_math as LM
 
-from fastsel.engine import dot_math as DM  # noqa: E402
-from fastsel.engine import linear_math as LM  # noqa: E402
-
-try:
-    from fastsel import kernels as K
-except ImportError:  # source tree without an install
-    import kernels as K
+K = need_kernels()
 
 LD = importlib.import_module(f"{K.__name__}.linear_dot")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-pytestmark = pytest.mark.skipif(not K.available(), reason="needs triton and CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)

@@ -15,23 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import need_kernels
 
-pytest.importorskip("triton")
+from fastsel.engine import linear_math as LM
 
-from fastsel.engine import linear_math as LM  # noqa: E402
-
-try:
-    from fastsel import kernels as K
-except ImportError:  # source tree without an install: `kernels/` is the top-level package
-    import kernels as K
+K = need_kernels()
 
 LN = importlib.import_module(f"{K.__name__}.linear_norm")  # low-level launcher: block-size overrides
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.skipif(not K.available(), reason="needs triton and CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)

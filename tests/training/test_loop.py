@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from needs import need_module
 from tiny import VOCAB, lora, tiny_model
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -189,7 +190,7 @@ def test_step_with_nothing_kept_is_logged_and_skipped(tmp_path) -> None:
 
 
 def test_epochs_scheduler_accumulation_and_datasets_input(tmp_path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = need_module("datasets")
     rows = make_rows(10, with_ids=False)
     ds = datasets.Dataset.from_list(rows)
     cfg = TrainConfig(batch_size=4, ratio=0.5, epochs=3, grad_accum=2, lr=1e-3, lr_scheduler="linear",

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -115,10 +116,7 @@ def test_loss_band_split_by_sequence_on_packed_rows(backend: str) -> None:
     accumulators over the same rows, each summing its own sequences' tokens), not per row: the same norms for every
     sequence, the same kept gradients, and the single-pass step equals the selected sequences' gradient."""
     if backend == "triton":
-        from fastsel import kernels
-
-        if not kernels.available():
-            pytest.skip("triton not installed")
+        need_kernels()
     model = lora(tiny_model("qwen2", tie=True), r=2)
     if backend == "torch":
         for n, p in model.named_parameters():  # a tied, trainable embedding: several calls per parameter
@@ -142,10 +140,7 @@ def test_loss_band_split_by_sequence_on_packed_rows(backend: str) -> None:
 
 
 def test_row_reduction_with_triton_kernels() -> None:
-    from fastsel import kernels
-
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
     model = lora(tiny_model(), r=2, targets=["q_proj", "up_proj"])
     batch = make_batch([5, 9, 7, 6, 8, 4], side="left", seed=8)
     sel = fastsel.selective_backward(batch, model, ratio=0.4, single_pass=True, backend="triton")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import need_kernels
 from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -115,10 +116,7 @@ def test_selection_matches_select() -> None:
 
 
 def test_single_pass_with_triton_kernels_writing_per_example_grads() -> None:
-    from fastsel import kernels
-
-    if not kernels.available():
-        pytest.skip("triton not installed")
+    need_kernels()
     model = lora(tiny_model(), r=2, targets=["q_proj", "up_proj"])
     batch = make_batch([5, 9, 7, 6, 8], side="left")
     sel = fastsel.selective_backward(batch, model, ratio=0.4, single_pass=True, backend="triton")
