@@ -21,6 +21,8 @@ _LAZY = {
     "norm_pass": ("fastsel.engine.norms", "norm_pass"),
     "grad_dots": ("fastsel.engine.alignment", "grad_dots"),
     "reference_gradient": ("fastsel.engine.alignment", "reference_gradient"),
+    "register_packed_attention": ("fastsel.engine.packed_attention", "register"),
+    "packed_attention": ("fastsel.engine.packed_attention", "packed_attention"),
     "select": ("fastsel.selection.rules", "select"),
     "select_indices": ("fastsel.selection.rules", "select_indices"),
     "Selection": ("fastsel.selection.rules", "Selection"),

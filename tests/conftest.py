@@ -33,3 +33,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _padded_batches_stay_padded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU fastsel runs a padded batch packed (layout 'auto'); on CUDA it stays padded. The suite tests the
+    padded path as a GPU runs it, so padded batches stay padded here, except in tests marked `auto_layout`
+    (tests/engine/test_layout.py), which check the CPU default itself."""
+    if request.node.get_closest_marker("auto_layout") is None:
+        monkeypatch.setattr("fastsel.engine.model_io.AUTO_PACK_DEVICES", ())

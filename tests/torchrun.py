@@ -43,7 +43,11 @@ def run_two_processes(worker: Path, args: list[str], *, timeout_s: float, what: 
 
 def worker_main(argv: list[str], cases: Mapping[str, Callable[[str], None]], default: list[str]) -> int:
     """A torchrun worker's body: the gloo process group, one thread, then every case named in argv[1:] (or
-    `default`) with the output folder argv[0]; the group is torn down even when a case fails."""
+    `default`) with the output folder argv[0]; the group is torn down even when a case fails. Padded batches stay
+    padded, as in the single-process reference the tests compare with (tests/conftest.py)."""
+    from fastsel.engine import model_io
+
+    model_io.AUTO_PACK_DEVICES = ()
     out_dir, names = argv[0], argv[1:] or default
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:

@@ -33,11 +33,12 @@ def zero_grads(model: nn.Module) -> None:
 def plain_step(batch: Mapping[str, Tensor], model: nn.Module) -> None:
     """The floor: one batched forward and backward of the summed per-example losses (grads then dropped); a
     packed batch runs as the model's padding-free forward."""
-    from fastsel.engine.losses import per_example_losses
-    from fastsel.engine.model_io import forward_logits
+    from fastsel.engine.model_io import forward_losses
+    from fastsel.engine.packed_attention import packed_attention
 
     prepared = prepare_for(model, batch)
-    per_example_losses(forward_logits(model, prepared), prepared["labels"], prepared["segments"]).sum().backward()
+    with packed_attention(model, prepared["segments"].packed):  # the attention fastsel's packed passes use
+        forward_losses(model, prepared)[0].sum().backward()
     zero_grads(model)
 
 

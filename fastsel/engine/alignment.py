@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.losses import check_finite, per_example_losses
-from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.losses import check_finite
+from fastsel.engine.model_io import forward_losses, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass, resolve_backend
+from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.references import ReferenceLike
 from fastsel.engine.targets import find_targets
 
@@ -75,8 +76,10 @@ def reference_gradient(batch: Batches, model: nn.Module, *, params: str = "train
                 norms = norm_pass(raw, model, backend="torch" if backend == "naive" else backend,
                                   targets=targets).norms
                 weights = torch.where(norms > 0, weights / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        losses = per_example_losses(forward_logits(model, ready), ready["labels"], ready["segments"])
-        grads = backward_keeping_grads((losses * weights.to(losses.dtype)).sum(), model, [t.param for t in targets])
+        with packed_attention(model, ready["segments"].packed):
+            losses = forward_losses(model, ready)[0]
+            grads = backward_keeping_grads((losses * weights.to(losses.dtype)).sum(), model,
+                                           [t.param for t in targets])
         check_finite(losses.detach(), "reference loss")
         for j, g in enumerate(grads):
             if g is not None:

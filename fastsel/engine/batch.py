@@ -225,6 +225,17 @@ def take_examples(prepared: Mapping[str, Any], indices: Tensor) -> dict[str, Ten
             for k in ("input_ids", "labels", "position_ids")}
 
 
+def packed_examples(prepared: Mapping[str, Any]) -> dict[str, Tensor]:
+    """All examples of a prepared padded batch, their attended tokens back to back in one padding-free row
+    (input_ids, labels, position_ids [1, N]): the same examples in the same order, without the padding."""
+    mask = prepared["attention_mask"].bool()
+    ids, labels = prepared["input_ids"][mask][None], prepared["labels"][mask][None]
+    lengths = mask.sum(dim=1)
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    positions = torch.arange(ids.shape[1], device=ids.device) - starts
+    return {"input_ids": ids, "labels": labels, "position_ids": positions[None]}
+
+
 def _as_list(values: Any) -> list[int]:
     """Token ids as a list, from a list, a tensor or a numpy array (rows of an HF Dataset with a torch format)."""
     return values.tolist() if hasattr(values, "tolist") else list(values)

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine.batch import prepare_batch
+from fastsel.engine.batch import IGNORE_INDEX, packed_examples, prepare_batch
+from fastsel.engine.losses import per_example_losses, token_statistics
+from fastsel.engine.packed_attention import packed_attention
 from fastsel.utils import eval_mode
 
 
@@ -49,6 +51,34 @@ def prepare_for(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tens
     """`prepare_batch` on the model's device, with token ids and labels checked against its vocabulary: the one
     place where every entry point (grad_norms, select, selective_backward, train) prepares a batch."""
     return prepare_batch(batch, model_device(model), vocab_size=vocab_size(model))
+
+
+LAYOUTS = ("auto", "given", "packed")
+AUTO_PACK_DEVICES = ("cpu",)  # where layout 'auto' packs padded batches (measured there; CUDA: not yet)
+
+
+def in_layout(model: nn.Module, prepared: dict[str, Any], layout: str = "auto") -> dict[str, Any]:
+    """A prepared batch in the layout a pass runs it in: the same examples, in the same order.
+
+    'given': as it is. 'packed': a padded batch's examples packed into one padding-free row (`packed_examples`;
+    refused, as any packed batch, by a model that cannot keep packed sequences apart). 'auto' (the default): packed
+    on a CPU when the model takes packed rows exactly, else as given. On a CPU compute grows with the tokens
+    processed: a padded batch pays for its padding (and attention over it), a packed row with per-sequence
+    attention (`packed_attention`) only for the real tokens (benchmarks/README.md: 0.3-0.5x the padded pass on
+    instruction data at natural lengths). On CUDA padded batches stay padded (not measured yet).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+    segments = prepared["segments"]
+    if layout == "given" or segments.packed:
+        return prepared
+    if layout == "auto" and prepared["input_ids"].device.type not in AUTO_PACK_DEVICES:
+        return prepared
+    if layout == "auto":
+        with packed_attention(model):  # probed as the packed pass will run it (the probe is cached)
+            if not supports_packing(model, prepared["input_ids"][prepared["attention_mask"].bool()]):
+                return prepared
+    return prepare_for(model, packed_examples(prepared))
 
 
 @lru_cache(maxsize=64)
@@ -158,13 +188,52 @@ def logits_of(out: object) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
 
 
-def forward_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+def forward_logits(model: nn.Module, batch: dict[str, Any], *, columns: Tensor | None = None) -> Tensor:
     """Logits [B, T, V] of `model` on a prepared batch; position_ids are passed when the model takes them. A packed
-    batch is first checked by the packing probe (once per model)."""
+    batch is first checked by the packing probe (once per model). `columns`: only those positions' logits
+    ([B, K, V], the model's `logits_to_keep`)."""
     kwargs = forward_kwargs(model, batch)
+    if columns is not None:
+        kwargs["logits_to_keep"] = columns
     if _is_packed(batch):
         check_packing(model, batch["input_ids"])
     logits = logits_of(model(**kwargs))
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise TypeError("the model must return logits of shape [B, T, V] (a causal LM)")
     return logits
+
+
+@lru_cache(maxsize=64)
+def _accepts_logits_to_keep(forward_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _output_layer_trained(model: nn.Module) -> bool:
+    get = getattr(_core_model(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head is None or any(p.requires_grad for p in head.parameters())
+
+
+def supervised_columns(model: nn.Module, labels: Tensor) -> Tensor | None:
+    """The positions whose logits can matter: t where some row's label t+1 is supervised (sorted long [K]), or
+    None for every position. None when the model takes no `logits_to_keep` or its output layer is trained (fastsel
+    then hooks it and reads every position). Unsupervised positions add nothing to any loss or gradient, so
+    computing the LM head, the softmax and their backward only at these columns is exact (TRL's chunked loss
+    does the same)."""
+    if not _accepts_logits_to_keep(type(_core_model(model))) or _output_layer_trained(model):
+        return None
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
+def forward_losses(model: nn.Module, batch: dict[str, Any], *, token_stats: bool = False
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-example losses of a prepared batch (`losses.per_example_losses`), with logits only at the supervised
+    columns (`supervised_columns`), and with `token_stats` also `losses.token_statistics`."""
+    columns = supervised_columns(model, batch["labels"])
+    logits = forward_logits(model, batch, columns=columns)
+    losses = per_example_losses(logits, batch["labels"], batch.get("segments"), columns)
+    stats = token_statistics(logits, batch["labels"], batch["segments"], columns) if token_stats else {}
+    return losses, stats

@@ -32,8 +32,9 @@ from fastsel.engine.accumulate import (
     resolve_deferred,
 )
 from fastsel.engine.capture import Capture
-from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
-from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.losses import check_finite
+from fastsel.engine.model_io import forward_losses, in_layout, model_device, prepare_for
+from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.references import ReferenceLike, References, prepare_references
 from fastsel.engine.segments import Segments
 from fastsel.engine.sharded import ForwardLeaves
@@ -244,13 +245,39 @@ def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor]
             p.grad = g
 
 
+def backward_to_hooks(total: Tensor, model: nn.Module, capture: Capture, params: list[Tensor],
+                      recorded: ForwardLeaves) -> list[Tensor | None] | None:
+    """The norm pass's backward: it only has to bring every hooked call its output gradient.
+
+    When the hooked calls form chains (`Capture.chain_inputs`: LoRA-only targets) the backward stops at the chain
+    tensors and autograd computes no parameter gradient at all (the LoRA weight gradients a plain backward
+    computes: the accumulators form the per-example ones instead), and None is returned. Otherwise (full
+    fine-tuning, embeddings, reentrant checkpointing where the hooks fire in the recompute, FSDP2, DDP outside
+    `no_sync`) `backward_keeping_grads`, returning the batch gradients.
+    """
+    chain = None if recorded.active or _ddp_syncing(model) else capture.chain_inputs()
+    if chain is None:
+        return backward_keeping_grads(total, model, params, recorded)
+    try:
+        torch.autograd.backward(total, inputs=chain)
+    finally:
+        for t in chain:
+            t.grad = None
+    return None
+
+
+def _ddp_syncing(model: nn.Module) -> bool:
+    """DDP outside `no_sync`: its reducer expects the parameters' gradients of this backward."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and model.require_backward_grad_sync
+
+
 RowPlan = Callable[[Tensor], "Tensor | None"]
 
 
 def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list[Target], *,
                       backend: str = "torch", keep_grads: bool = False, keep_rows: RowPlan | None = None,
                       strict: bool = True, token_stats: bool = False,
-                      references: References | None = None) -> NormPass:
+                      references: References | None = None, layout: str = "auto") -> NormPass:
     """One batched forward+backward with capture hooks; no .grad is written and the model is left as found.
 
     `keep_grads` keeps every example's per-example gradients. `keep_rows` decides it after the forward, before the
@@ -260,11 +287,12 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     padded batch the split is by row; on a packed one by sequence (two accumulators over the same rows, each
     reducing its own sequences' tokens). `strict` (triton only): a kernel family failing its self-test raises
     instead of falling back to torch. `token_stats`: also `losses.token_statistics` per example. With
-    `references` every accumulator also forms its parameter's dots from the same captured pairs.
+    `references` every accumulator also forms its parameter's dots from the same captured pairs. `layout`:
+    `model_io.in_layout` (by default a padded batch runs packed on a CPU; results are per example either way).
     """
     if keep_grads and keep_rows is not None:
         raise ValueError("pass keep_grads or keep_rows, not both")
-    prepared = prepare_for(model, batch)
+    prepared = in_layout(model, prepare_for(model, batch), layout)
     segments: Segments = prepared["segments"]
     batch_size = len(segments)
     refs = references.tensors if references is not None else {}
@@ -283,12 +311,9 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     groups: list[tuple[list[ParamAccumulator], GroupedSqNorms | None]] = []
     split = False
     stats: dict[str, Tensor] = {}
-    with Capture(owned.keys(), sink) as capture, ForwardLeaves(model, targets) as recorded:
-        logits = forward_logits(model, prepared)
-        losses = per_example_losses(logits, prepared["labels"], segments)
-        if token_stats:
-            stats = token_statistics(logits, prepared["labels"], segments)
-        del logits
+    with Capture(owned.keys(), sink) as capture, ForwardLeaves(model, targets) as recorded, \
+            packed_attention(model, segments.packed):
+        losses, stats = forward_losses(model, prepared, token_stats=token_stats)
         capture.counting = False
         grad_rows = None if keep_rows is None else keep_rows(losses.detach())
         keep_all = keep_grads or (grad_rows is not None and grad_rows.numel() == batch_size)
@@ -320,7 +345,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
                 accumulators[target.name] = _accumulator(target, segments, calls, keep_all, *fns,
                                                          refs.get(target.name))
             groups = [(list(accumulators.values()), fns)]
-        batch_grads = backward_keeping_grads(losses.sum(), model, [t.param for t in targets], recorded)
+        batch_grads = backward_to_hooks(losses.sum(), model, capture, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
     for group, (linear_fns, dot_fns) in groups:
         if linear_fns[1] is not None:
@@ -331,7 +356,7 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
     dots: dict[str, Tensor] = {}
-    for target, batch_grad in zip(targets, batch_grads, strict=True):
+    for target, batch_grad in zip(targets, batch_grads or [None] * len(targets), strict=True):
         acc = accumulators[target.name]
         sq = acc.sq_norms()
         if sq is None:
@@ -403,7 +428,7 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
     losses, rows, dot_rows = [], [], []
     for single in _examples_alone(prepared):
         with ForwardLeaves(model, targets) as recorded:  # FSDP2: the unsharded leaves (engine.sharded)
-            loss = per_example_losses(forward_logits(model, single), single["labels"])[0]
+            loss = forward_losses(model, prepare_for(model, single))[0][0]
         grads = torch.autograd.grad(loss, recorded.leaves(params), allow_unused=True)
         losses.append(loss.detach().float())
         rows.append([
@@ -426,7 +451,7 @@ def naive_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: list
 def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "trainable",
               backend: str = "auto", keep_grads: bool = False, targets: list[Target] | None = None,
               keep_rows: RowPlan | None = None, token_stats: bool = False,
-              reference: ReferenceLike | None = None) -> NormPass:
+              reference: ReferenceLike | None = None, layout: str = "auto") -> NormPass:
     """Per-example losses and squared gradient norms over the chosen parameters, by the chosen backend.
 
     `batch`: padded or packed (fastsel.engine.batch); on a packed batch every sequence is one example, in order of
@@ -437,6 +462,8 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
     {parameter name: tensor} over exactly those parameters (e.g. from `fastsel.reference_gradient`), or a list of
     them: the same forward and backward then also give every example's exact <grad L_i, R_k> (`NormPass.dots`,
     `NormPass.cosines`; per sequence on a packed batch). A bad reference raises before the model runs.
+    `layout`: 'auto' (a padded batch runs as one packed row on a CPU: cheaper, same per-example results),
+    'given' or 'packed' (`fastsel.engine.model_io.in_layout`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -451,7 +478,7 @@ def norm_pass(batch: Mapping[str, Tensor], model: nn.Module, *, params: str = "t
     else:
         result = batched_norm_pass(batch, model, targets, backend=backend, keep_grads=keep_grads,
                                    keep_rows=keep_rows, strict=strict, token_stats=token_stats,
-                                   references=references)
+                                   references=references, layout=layout)
     check_finite(result.norms, "gradient norm")
     if references is not None:
         check_finite(torch.stack(list(result.param_dots.values())).sum(dim=0).sum(dim=1), "gradient dot")

@@ -46,11 +46,13 @@ from fastsel.engine.losses import check_finite, per_example_losses
 from fastsel.engine.model_io import (
     check_packing,
     forward_logits,
+    forward_losses,
     model_device,
     prepare_for,
     supports_packing,
     vocab_size,
 )
+from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.sharded import is_sharded
 from fastsel.selection.rules import NORM_STRATEGIES, Selection, select, select_indices
 from fastsel.training import checkpoint as ckpt
@@ -228,7 +230,7 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
                       gradshield_budget=cfg.gradshield_budget, **options)
     with torch.no_grad():
         prepared = prepare_for(model, batch)
-        losses = per_example_losses(forward_logits(model, prepared), prepared["labels"], prepared["segments"])
+        losses = forward_losses(model, prepared)[0]
     check_finite(losses, "loss")  # as the norm strategies do: no NaN reaches .grad
     selection = select_indices(losses, torch.zeros_like(losses), **options)
     selection.local_indices = selection.indices
@@ -491,7 +493,8 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
                 batch = pack(features, pad_id, max_tokens=cfg.max_packed_tokens) if packed else \
                     collate(features, pad_id)
                 seed = _micro_seed(cfg.seed, micro_start + m)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16), \
+                        packed_attention(model, packed):
                     if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
                         selection = _select_only(batch, model, cfg, seed, reference)
                         if selection.num_selected:

@@ -50,9 +50,10 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsel.engine.batch import check_batch, take_examples
-from fastsel.engine.losses import check_finite, per_example_losses, token_statistics
-from fastsel.engine.model_io import forward_logits, model_device, prepare_for
+from fastsel.engine.losses import check_finite
+from fastsel.engine.model_io import forward_losses, model_device, prepare_for
 from fastsel.engine.norms import backward_keeping_grads, norm_pass
+from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.references import ReferenceLike, prepare_references
 from fastsel.engine.sharded import ForwardLeaves, is_sharded
 from fastsel.engine.targets import Target, find_targets
@@ -214,7 +215,7 @@ def _subset_grads(prepared: Mapping[str, Any], model: nn.Module, targets: list[T
         examples, weight = torch.zeros(1, dtype=torch.long), 0.0
     subset = prepare_for(model, take_examples(prepared, examples))
     with ForwardLeaves(model, targets) as recorded:
-        losses = per_example_losses(forward_logits(model, subset), subset["labels"], subset["segments"])
+        losses = forward_losses(model, subset)[0]
     return backward_keeping_grads(losses.sum() * weight, model, [t.param for t in targets], recorded)
 
 
@@ -308,7 +309,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     needs_norms = needs_measurement(strategy)
     plan = PassPlan(single_pass, strategy, loss_band, memory_budget_bytes, row_bytes(targets), model_device(model))
 
-    with no_sync:
+    with no_sync, packed_attention(model, prepared["segments"].packed):
         stats: dict[str, Tensor] = {}
         if needs_norms:
             measured = norm_pass(prepared, model, backend=backend, targets=targets,
@@ -317,11 +318,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
             losses, norms, stats = measured.losses, measured.norms, measured.token_stats
         else:
             with ForwardLeaves(model, targets) as recorded:
-                logits = forward_logits(model, prepared)
-                live_losses = per_example_losses(logits, prepared["labels"], prepared["segments"])
-                if token_stats:
-                    stats = token_statistics(logits, prepared["labels"], prepared["segments"])
-                del logits
+                live_losses, stats = forward_losses(model, prepared, token_stats=token_stats)
             losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
         if not plan.may_single:
             plan.settle_without_norm_pass()

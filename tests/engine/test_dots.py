@@ -203,8 +203,8 @@ def test_reference_gradient_of_packed_anchors_equals_the_padded_one(normalize: b
     kw = dict(normalize=normalize, memory_budget_bytes=budget)
     expected = fastsel.reference_gradient(padded, model, **kw)
     got = fastsel.reference_gradient([packed], model, **kw)
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-8)
+    for name, value in expected.items():  # fp32 rounding of different shapes: within 1e-5 of the largest entry
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5 * float(value.abs().max()))
 
 
 def test_packed_dots_with_trainable_tied_embeddings_and_gram_sites(monkeypatch: pytest.MonkeyPatch) -> None:

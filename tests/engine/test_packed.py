@@ -181,9 +181,11 @@ def test_bad_packed_batches_are_refused_and_the_model_is_untouched(batch, error,
 
 
 def test_a_model_leaking_across_sequences_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The packing probe: an attention that ignores the position_id restarts (here transformers' packed-sequence
-    detection switched off) mixes the sequences; the first packed pass says so and leaves the model as found."""
+    """The packing probe: an attention that ignores the position_id restarts (here transformers' and fastsel's
+    packed-sequence detection switched off) mixes the sequences; the first packed pass says so and leaves the model as found."""
     import transformers.masking_utils as masking
+
+    from fastsel.engine import packed_attention
 
     model = lora(tiny_model())
     batch = make_packed([[6, 5]])
@@ -191,6 +193,7 @@ def test_a_model_leaking_across_sequences_is_refused(monkeypatch: pytest.MonkeyP
 
     assert packing_leak(model, batch["input_ids"]) <= 1e-5
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    monkeypatch.setattr(packed_attention, "_row_lengths", lambda position_ids, rows: None)  # fastsel's too
     leaking = lora(tiny_model())
     assert packing_leak(leaking, batch["input_ids"]) > 1e-3
     before = _state(leaking)
