@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fastsel.experiments.data as fd
-from fastsel.experiments.data import DataError, load_task
+from fastsel.experiments.data import DataError, format_mix, load_task
 from fastsel.experiments.data.examples import hash_fraction, split_of
 from fastsel.experiments.data.tasks import DOLLY_CATEGORIES, NO_ANSWER, TASKS, gsm8k_gold
 
@@ -309,10 +309,27 @@ def test_empty_responses_raise_or_are_skipped_and_counted(tmp_path, monkeypatch)
 
 def test_format_mix_file_is_what_the_generator_writes():
     """The shipped mix is exactly `build_rows()`'s output (provenance: written by fastsel, regenerable)."""
-    from fastsel.experiments.data import format_mix
-
     with open(format_mix.shipped_path()) as f:
         assert f.read() == format_mix.render_jsonl(format_mix.build_rows())
+
+
+def test_gsm8k_long_file_is_what_the_generator_writes_and_its_arithmetic_holds():
+    """GSM8K-length problems: the shipped file is `build_rows()`'s output, every `<<expr=value>>` annotation
+    computes, and the final answer is the last step's value; loadable as the gsm8k task from its path."""
+    import re
+
+    from fastsel.experiments.data import gsm8k_long
+
+    with open(gsm8k_long.shipped_path()) as f:
+        assert f.read() == format_mix.render_jsonl(gsm8k_long.build_rows())
+    examples = load_task("gsm8k", gsm8k_long.shipped_path(), split="all")
+    assert len(examples) == gsm8k_long.ROWS
+    for e in examples:
+        values = []
+        for expr, value in re.findall(r"<<([^=]+)=(-?\d+)>>", e.response):
+            assert eval(expr, {"__builtins__": {}}) == int(value), (e.id, expr)  # noqa: S307 - digits and + - * /
+            values.append(value)
+        assert values and e.meta["gold"] == values[-1], e.id
 
 
 def test_format_mix_rows():

@@ -13,12 +13,11 @@ Regenerate with ``python -m fastsel.experiments.data.gsm8k_long``. Load with
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable
 
-from fastsel.experiments.data.format_mix import NAMES, PRONOUNS, THINGS
+from fastsel.experiments.data.format_mix import NAMES, PRONOUNS, THINGS, render_jsonl
 
 FILE_NAME = "gsm8k_long.jsonl"
 ROWS = 64
@@ -109,13 +108,10 @@ def build_rows(count: int = ROWS, seed: int = 0) -> list[dict[str, str]]:
     return [_problem(rng, i) for i in range(count)]
 
 
-def write(path: str | os.PathLike[str]) -> None:
-    with open(path, "w") as f:
-        for row in build_rows():
-            f.write(json.dumps(row) + "\n")
+def shipped_path() -> str:
+    return os.path.join(os.path.dirname(__file__), "files", FILE_NAME)
 
 
 if __name__ == "__main__":
-    from fastsel.experiments.data.tasks import FILES_DIR
-
-    write(os.path.join(FILES_DIR, FILE_NAME))
+    with open(shipped_path(), "w") as f:
+        f.write(render_jsonl(build_rows()))
