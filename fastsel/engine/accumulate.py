@@ -9,10 +9,10 @@ when those are small enough, otherwise kept and combined by the Gram form with a
 With reference gradients (the dot pass) each call also adds its exact <G_i, R_k> (`fastsel.engine.dot_math`): dots
 are linear, so the calls' dots simply add, or come from the summed per-example gradients when those are built.
 
-Contributions are written as G = sum_t a_t b_t^T over the parameter's [rows, cols] shape:
-- Linear weight [out, in]: a = output-grad, b = input;
-- Embedding weight [V, d]: a = one-hot(token id) (kept as ids), b = output-grad;
-- Linear bias [out]: the per-example gradient sum_t delta_t directly.
+Contributions are written as G = sum_t a_t b_t^T over the parameter's [rows, cols] shape, as the parameter's site
+factors them (`fastsel.engine.sites`): a dense [B, T, m] (Linear weight [out, in]: a = output-grad, b = input) or
+token ids [B, T] standing for one-hot rows (Embedding weight [V, d]: b = output-grad); or, with no b, a per-token
+vector summed over the example's tokens (a bias).
 
 Module inputs and output-gradients arrive per row ([R, N, ...]); the batch's `Segments` say which tokens form which
 example: one row each (padded) or a segment of a row (packed, where every sum over t runs over the segment's tokens).
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fastsel.engine import dot_math, linear_math
 from fastsel.engine.segments import Segments
+from fastsel.engine.sites import Factors
 
 # Largest per-example gradient buffer (bytes) a parameter may instantiate when it is fed by several calls.
 INSTANTIATE_BUDGET_BYTES = 256 * 2**20
@@ -161,50 +162,43 @@ class ParamAccumulator:
     def _add_dots(self, d: Tensor) -> None:
         self.dots_sum = d if self.dots_sum is None else self.dots_sum + d
 
-    def _call_dots(self, role: str, a: Tensor, b: Tensor) -> Tensor:
-        """This call's <G_i, R_k> [B, K] without its per-example gradient (roles as in `add`)."""
-        if role == "linear.weight":
+    def _call_dots(self, a: Tensor, b: Tensor) -> Tensor:
+        """This call's <G_i, R_k> [B, K] without its per-example gradient (factors as in `add`)."""
+        if a.dtype.is_floating_point:
             return self.linear_dots(b, a, self.refs)
         return dot_math.reduce_tokens(dot_math.embedding_token_dots(a, b, self.refs), self.segments)
 
-    def add(self, role: str, inp: Tensor, grad_out: Tensor) -> None:
-        """Take one module call's contribution (role: 'linear.weight', 'linear.bias' or 'embedding.weight')."""
+    def add(self, factors: Factors) -> None:
+        """Take one module call's contribution: its gradient factors (`fastsel.engine.sites`)."""
         self.calls += 1
-        delta = as_sequence(grad_out, self.batch_size, "an output gradient")
+        a = as_sequence(factors.a, self.batch_size, "a module's output gradient or input")
         packed = self.segments.packed
-        if packed and delta.shape[1] != self.segments.width:
+        if packed and a.shape[1] != self.segments.width:
             raise NotImplementedError(
-                f"a module sees {delta.shape[1]} positions per row but the packed batch has {self.segments.width} "
+                f"a module sees {a.shape[1]} positions per row but the packed batch has {self.segments.width} "
                 "tokens per row: fastsel cannot split its rows into the packed sequences; use padded batches")
-        if role == "linear.bias":
-            self._add_grads(self.segments.sum(delta) if packed else delta.float().sum(dim=1))
+        if factors.b is None:  # a per-token vector summed over the example's tokens (a bias)
+            self._add_grads(self.segments.sum(a) if packed else a.float().sum(dim=1))
             return
-        if role == "linear.weight":
-            a, b = delta, as_sequence(inp, self.batch_size, "a Linear input")
-        elif role == "embedding.weight":
-            a, b = as_sequence(inp, self.batch_size, "an Embedding input"), delta
-        else:
-            raise ValueError(f"unknown parameter role {role!r}")
-        if self.direct and role == "linear.weight" and self.defer:
+        b = as_sequence(factors.b, self.batch_size, "a module's output gradient or input")
+        dense = a.dtype.is_floating_point  # else token ids: one-hot rows (an embedding)
+        if self.direct and dense and self.defer:
             self.deferred = (b, a)
-        elif self.direct and role == "linear.weight" and self.refs is not None:
+        elif self.direct and dense and self.refs is not None:
             self.sq, dots = self.linear_sq_norms_dots(b, a, self.refs)
             self._add_dots(dots)
-        elif self.direct and role == "linear.weight":
+        elif self.direct and dense:
             self.sq = self.linear_sq_norms(b, a)
         elif self.direct and not self.instantiate_ok:
             self.sq = self._mixed_gram([(a, b)])
             if self.refs is not None:
-                self._add_dots(self._call_dots(role, a, b))
+                self._add_dots(self._call_dots(a, b))
         elif self.instantiate_ok:  # dots, if any, from the summed gradients in `dots()`
-            if role == "linear.weight":
-                self._add_grads(self.linear_grads(b, a))
-            else:
-                self._add_grads(embedding_grads(a, b, self.shape[0], self.segments))
+            self._add_grads(self.linear_grads(b, a) if dense else embedding_grads(a, b, self.shape[0], self.segments))
         else:
             self.sites.append((a, b))
             if self.refs is not None:
-                self._add_dots(self._call_dots(role, a, b))
+                self._add_dots(self._call_dots(a, b))
 
     def sq_norms(self) -> Tensor | None:
         """[B] fp32 squared norms, or None if no call contributed."""
@@ -250,14 +244,13 @@ class RowSplit:
         self.kept, self.others = kept, others
         self.by_row = by_row
 
-    def add(self, role: str, inp: Tensor, grad_out: Tensor) -> None:
+    def add(self, factors: Factors) -> None:
         if not self.by_row:
-            self.kept.add(role, inp, grad_out)
-            self.others.add(role, inp, grad_out)
+            self.kept.add(factors)
+            self.others.add(factors)
             return
-        keep, rest = self.keep.to(grad_out.device), self.rest.to(grad_out.device)
-        self.kept.add(role, inp.index_select(0, keep.to(inp.device)), grad_out.index_select(0, keep))
-        self.others.add(role, inp.index_select(0, rest.to(inp.device)), grad_out.index_select(0, rest))
+        for rows, acc in ((self.keep, self.kept), (self.rest, self.others)):
+            acc.add(Factors(*(None if f is None else f.index_select(0, rows.to(f.device)) for f in factors)))
 
     def _merge(self, kept: Tensor | None, others: Tensor | None) -> Tensor | None:
         """Per-example values of the two halves ([n, *]) put back in example order ([B, *])."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastsel.engine.segments import Segments
+from fastsel.kernels.cost import choose_method, gram_cost, instantiate_cost  # noqa: F401  (the one cost rule)
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -51,23 +52,6 @@ def sq_norms_outer(x: Tensor, delta: Tensor) -> Tensor:
     return _fp32(x).square().sum(dim=(1, 2)) * _fp32(delta).square().sum(dim=(1, 2))
 
 
-def instantiate_cost(t: int, m: int, n: int) -> int:
-    """Multiply-adds of the instantiate form per example (its memory is m*n, far below the Gram's T*T here)."""
-    return t * m * n
-
-
-def gram_cost(t: int, m: int, n: int) -> int:
-    """Multiply-adds of the Gram form per example."""
-    return t * t * (m + n)
-
-
-def choose_method(t: int, m: int, n: int) -> str:
-    """Cheapest exact method for a site of T tokens and an m x n weight: 'outer', 'instantiate' or 'gram'."""
-    if t == 1:
-        return "outer"
-    return "instantiate" if instantiate_cost(t, m, n) <= gram_cost(t, m, n) else "gram"
-
-
 def sq_norms(x: Tensor, delta: Tensor, method: str = "auto") -> Tensor:
     """Exact per-example ||G_i||^2 of a Linear site by the chosen (or cheapest) method. [B] fp32."""
     if x.dim() != 3 or delta.dim() != 3 or x.shape[:2] != delta.shape[:2]:
@@ -92,14 +76,22 @@ def segment_grads(x: Tensor, delta: Tensor, segments: Segments) -> Tensor:
 
 
 def segment_sq_norms(x: Tensor, delta: Tensor, segments: Segments) -> Tensor:
-    """||G_i||^2 of every segment by the cheapest exact form for its length (x [R, N, n], delta [R, N, m]): [S]."""
+    """||G_i||^2 of every segment by the cheapest exact form for its length (x [R, N, n], delta [R, N, m]): [S].
+
+    The instantiated G_i go into one [S, m, n] buffer (one matmul per segment, written in place) and are reduced
+    at once; only segments where the Gram form is cheaper (long sequences of a full-size layer) run it on their own.
+    """
     m, n = delta.shape[-1], x.shape[-1]
-    sq = []
-    for xs, ds in zip(segments.views(x), segments.views(delta), strict=True):
+    instantiate = [i for i, t in enumerate(segments.lengths) if choose_method(t, m, n) != "gram"]
+    grads = torch.empty((len(instantiate), m, n), dtype=torch.float32, device=x.device)
+    slot = {i: k for k, i in enumerate(instantiate)}
+    sq = torch.empty(len(segments), dtype=torch.float32, device=x.device)
+    for i, (xs, ds) in enumerate(zip(segments.views(x), segments.views(delta), strict=True)):
         xs, ds = _fp32(xs), _fp32(ds)
-        if choose_method(xs.shape[0], m, n) == "gram":
-            sq.append((xs @ xs.T * (ds @ ds.T)).sum())
-        else:  # instantiate (a single token's outer product included)
-            g = torch.mm(ds.T, xs).flatten()
-            sq.append(torch.dot(g, g))
-    return torch.stack(sq)
+        if i in slot:  # instantiate (a single token's outer product included)
+            torch.mm(ds.T, xs, out=grads[slot[i]])
+        else:
+            sq[i] = (xs @ xs.T * (ds @ ds.T)).sum()
+    if instantiate:
+        sq[instantiate] = grads.square().sum(dim=(1, 2))
+    return sq

@@ -41,8 +41,9 @@ def vocab_size(model: nn.Module) -> int | None:
         emb = get() if callable(get) else None
     except NotImplementedError:  # transformers' default for models without embeddings
         emb = None
-    if isinstance(emb, nn.Embedding):
-        return int(emb.num_embeddings)
+    rows = getattr(emb, "num_embeddings", None)  # an embedding table of any kind
+    if isinstance(rows, int):
+        return rows
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
 
@@ -82,11 +83,16 @@ def in_layout(model: nn.Module, prepared: dict[str, Any], layout: str = "auto") 
 
 
 @lru_cache(maxsize=64)
-def _accepts_position_ids(forward_type: type) -> bool:
+def _forward_takes(forward_type: type, argument: str) -> bool:
+    """Whether the forward of `forward_type` names `argument` (position_ids, logits_to_keep) in its signature."""
     try:
-        return "position_ids" in inspect.signature(forward_type.forward).parameters
+        return argument in inspect.signature(forward_type.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_position_ids(forward_type: type) -> bool:
+    return _forward_takes(forward_type, "position_ids")
 
 
 def _core_model(model: nn.Module) -> nn.Module:
@@ -203,14 +209,6 @@ def forward_logits(model: nn.Module, batch: dict[str, Any], *, columns: Tensor |
     return logits
 
 
-@lru_cache(maxsize=64)
-def _accepts_logits_to_keep(forward_type: type) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _output_layer_trained(model: nn.Module) -> bool:
     get = getattr(_core_model(model), "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -223,7 +221,7 @@ def supervised_columns(model: nn.Module, labels: Tensor) -> Tensor | None:
     then hooks it and reads every position). Unsupervised positions add nothing to any loss or gradient, so
     computing the LM head, the softmax and their backward only at these columns is exact (TRL's chunked loss
     does the same)."""
-    if not _accepts_logits_to_keep(type(_core_model(model))) or _output_layer_trained(model):
+    if not _forward_takes(type(_core_model(model)), "logits_to_keep") or _output_layer_trained(model):
         return None
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
 

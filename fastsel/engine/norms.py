@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.references import ReferenceLike, References, prepare_references
 from fastsel.engine.segments import Segments
 from fastsel.engine.sharded import ForwardLeaves
+from fastsel.engine.sites import Role
 from fastsel.engine.targets import Target, find_targets
 
 BACKENDS = ("auto", "torch", "triton", "naive")
@@ -294,65 +296,84 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         raise ValueError("pass keep_grads or keep_rows, not both")
     prepared = in_layout(model, prepare_for(model, batch), layout)
     segments: Segments = prepared["segments"]
-    batch_size = len(segments)
     refs = references.tensors if references is not None else {}
-    owned: dict[nn.Module, list[tuple[str, str]]] = {}
+    owned: dict[nn.Module, list[tuple[str, Role]]] = {}
     for target in targets:
         for _, module, role in target.owners:
             owned.setdefault(module, []).append((target.name, role))
     accumulators: dict[str, ParamAccumulator | RowSplit] = {}
 
     def sink(module: nn.Module, inp: Tensor, grad_out: Tensor) -> None:
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            grad_out = grad_out.masked_fill((inp == module.padding_idx)[..., None], 0.0)
         for name, role in owned[module]:
-            accumulators[name].add(role, inp, grad_out)
+            accumulators[name].add(role.factors(inp, grad_out))
 
-    groups: list[tuple[list[ParamAccumulator], GroupedSqNorms | None]] = []
-    split = False
-    stats: dict[str, Tensor] = {}
     with Capture(owned.keys(), sink) as capture, ForwardLeaves(model, targets) as recorded, \
             packed_attention(model, segments.packed):
         losses, stats = forward_losses(model, prepared, token_stats=token_stats)
         capture.counting = False
         grad_rows = None if keep_rows is None else keep_rows(losses.detach())
-        keep_all = keep_grads or (grad_rows is not None and grad_rows.numel() == batch_size)
-        split = grad_rows is not None and 0 < grad_rows.numel() < batch_size
-        if split:  # per-example gradients for the kept examples only
-            grad_rows = grad_rows.to(losses.device)
-            rest = torch.ones(batch_size, dtype=torch.bool, device=losses.device)
-            rest[grad_rows] = False
-            rest_rows = rest.nonzero().flatten()
-            if segments.packed:  # by sequence: both halves see whole rows, each sums its own sequences' tokens
-                keep_seg, rest_seg = segments.subset(grad_rows), segments.subset(rest_rows)
-            else:  # by row: each half sees its own rows
-                mask = prepared["attention_mask"]
-                keep_seg, rest_seg = Segments.one_per_row(mask[grad_rows]), Segments.one_per_row(mask[rest_rows])
-            keep_fns = _linear_fns(backend, keep_seg, strict=strict), _dot_fns(backend, keep_seg, strict=strict)
-            rest_fns = _linear_fns(backend, rest_seg, strict=strict), _dot_fns(backend, rest_seg, strict=strict)
-            for target in targets:
-                calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                kept_acc = _accumulator(target, keep_seg, calls, True, *keep_fns, refs.get(target.name))
-                rest_acc = _accumulator(target, rest_seg, calls, False, *rest_fns, refs.get(target.name))
-                accumulators[target.name] = RowSplit(grad_rows, rest_rows, kept_acc, rest_acc,
-                                                     by_row=not segments.packed)
-            groups = [([a.kept for a in accumulators.values()], keep_fns),
-                      ([a.others for a in accumulators.values()], rest_fns)]
-        else:
-            fns = _linear_fns(backend, segments, strict=strict), _dot_fns(backend, segments, strict=strict)
-            for target in targets:
-                calls = sum(capture.forward_calls[module] for _, module, _ in target.owners)
-                accumulators[target.name] = _accumulator(target, segments, calls, keep_all, *fns,
-                                                         refs.get(target.name))
-            groups = [(list(accumulators.values()), fns)]
+        plan = _KeepPlan(len(segments), keep_grads, grad_rows, losses.device)
+        accumulators.update(_accumulators(plan, prepared, targets, capture, refs,
+                                          lambda seg: (_linear_fns(backend, seg, strict=strict),
+                                                       _dot_fns(backend, seg, strict=strict))))
         batch_grads = backward_to_hooks(losses.sum(), model, capture, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
-    for group, (linear_fns, dot_fns) in groups:
+    for group, (linear_fns, dot_fns) in plan.groups:
         if linear_fns[1] is not None:
             resolve_deferred(group, linear_fns[1], dot_fns[1])
+    sq_norms, kept, dots = _collect(plan, targets, accumulators, batch_grads, references)
+    result = NormPass(losses.detach(), sq_norms, backend, per_example_grads=kept,
+                      grad_rows=None if plan.keep_all else plan.grad_rows, token_stats=stats,
+                      tokens=_token_counts(segments), param_dots=dots)
+    return _with_references(result, references)
 
-    keeping = keep_all or grad_rows is not None  # an empty plan keeps gradients of no row
-    n_kept = batch_size if keep_all else (0 if grad_rows is None else grad_rows.numel())
+
+class _KeepPlan:
+    """Which examples' per-example gradients the pass keeps: all (`keep_all`), those of `grad_rows` (`split`: two
+    accumulators per parameter), or none; `groups` are the accumulators launched together after backward."""
+
+    def __init__(self, batch_size: int, keep_grads: bool, grad_rows: Tensor | None, device: torch.device) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.keep_all = keep_grads or (grad_rows is not None and grad_rows.numel() == batch_size)
+        self.split = grad_rows is not None and 0 < grad_rows.numel() < batch_size
+        self.grad_rows = grad_rows.to(device) if self.split else grad_rows
+        self.keeping = self.keep_all or grad_rows is not None  # an empty plan keeps gradients of no row
+        self.n_kept = batch_size if self.keep_all else (0 if grad_rows is None else grad_rows.numel())
+        self.groups: list[tuple[list[ParamAccumulator], tuple]] = []
+
+
+def _accumulators(plan: _KeepPlan, prepared: Mapping[str, Any], targets: list[Target], capture: Capture,
+                  refs: Mapping[str, Tensor], fns_for: Callable[[Segments], tuple]) -> dict[str, Any]:
+    """One accumulator per target (a RowSplit of two when only some examples' gradients are kept)."""
+    segments: Segments = prepared["segments"]
+    calls = {t.name: sum(capture.forward_calls[module] for _, module, _ in t.owners) for t in targets}
+    if not plan.split:
+        fns = fns_for(segments)
+        out = {t.name: _accumulator(t, segments, calls[t.name], plan.keep_all, *fns, refs.get(t.name))
+               for t in targets}
+        plan.groups = [(list(out.values()), fns)]
+        return out
+    rest = torch.ones(plan.batch_size, dtype=torch.bool, device=plan.grad_rows.device)
+    rest[plan.grad_rows] = False
+    rest_rows = rest.nonzero().flatten()
+    if segments.packed:  # by sequence: both halves see whole rows, each sums its own sequences' tokens
+        keep_seg, rest_seg = segments.subset(plan.grad_rows), segments.subset(rest_rows)
+    else:  # by row: each half sees its own rows
+        mask = prepared["attention_mask"]
+        keep_seg, rest_seg = Segments.one_per_row(mask[plan.grad_rows]), Segments.one_per_row(mask[rest_rows])
+    keep_fns, rest_fns = fns_for(keep_seg), fns_for(rest_seg)
+    out = {t.name: RowSplit(plan.grad_rows, rest_rows,
+                            _accumulator(t, keep_seg, calls[t.name], True, *keep_fns, refs.get(t.name)),
+                            _accumulator(t, rest_seg, calls[t.name], False, *rest_fns, refs.get(t.name)),
+                            by_row=not segments.packed) for t in targets}
+    plan.groups = [([a.kept for a in out.values()], keep_fns), ([a.others for a in out.values()], rest_fns)]
+    return out
+
+
+def _collect(plan: _KeepPlan, targets: list[Target], accumulators: Mapping[str, Any],
+             batch_grads: list[Tensor | None] | None, references: References | None
+             ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """(squared norms, kept per-example gradients, dots) per parameter, from the accumulators."""
     sq_norms: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
     dots: dict[str, Tensor] = {}
@@ -363,22 +384,19 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
             if batch_grad is not None and bool(batch_grad.ne(0).any()):
                 raise RuntimeError(
                     f"parameter {target.name!r} received a gradient that did not pass through the modules fastsel "
-                    "hooks (it is used outside its nn.Linear/nn.Embedding module): cannot form its per-example norm"
+                    "hooks (it is used outside its module's forward): cannot form its per-example norm"
                 )
-            sq = torch.zeros(batch_size, device=losses.device)
-        if keeping:
-            grads = acc.grads if keep_all or split else None
-            kept[target.name] = grads if grads is not None else torch.zeros((n_kept, *target.shape),
-                                                                            device=losses.device)
+            sq = torch.zeros(plan.batch_size, device=plan.device)
         sq_norms[target.name] = sq
+        if plan.keeping:
+            grads = acc.grads if plan.keep_all or plan.split else None
+            kept[target.name] = grads if grads is not None else torch.zeros((plan.n_kept, *target.shape),
+                                                                            device=sq.device)
         if references is not None:
             dot = acc.dots()
-            dots[target.name] = dot if dot is not None else torch.zeros(batch_size, references.count,
-                                                                        device=losses.device)
-    result = NormPass(losses.detach(), sq_norms, backend, per_example_grads=kept,
-                      grad_rows=None if keep_all else grad_rows, token_stats=stats, tokens=_token_counts(segments),
-                      param_dots=dots)
-    return _with_references(result, references)
+            dots[target.name] = dot if dot is not None else torch.zeros(plan.batch_size, references.count,
+                                                                        device=sq.device)
+    return sq_norms, kept, dots
 
 
 def _with_references(result: NormPass, references: References | None) -> NormPass:

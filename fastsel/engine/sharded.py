@@ -31,10 +31,6 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _param_attr(role: str) -> str:
-    return role.split(".", 1)[1]  # 'linear.weight' -> 'weight'
-
-
 class ForwardLeaves(HookContext):
     """Context manager recording, per target, the leaf tensor its owner modules use during the forward.
 
@@ -64,8 +60,7 @@ class ForwardLeaves(HookContext):
         if self.active:
             for target in self.targets:
                 for _, module, role in target.owners:
-                    self._handles.append(module.register_forward_pre_hook(
-                        self._pre_hook(target.name, _param_attr(role))))
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(target.name, role.name)))
 
     def __enter__(self) -> ForwardLeaves:
         super().__enter__()

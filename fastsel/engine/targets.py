@@ -1,7 +1,8 @@
 """Which parameters a norm covers, and which supported module computes each one's gradient.
 
 fastsel attributes each per-example gradient to the module call that produced it, so every parameter in the norm
-must belong to a module whose gradient it knows how to form: `nn.Linear` (weight, bias) and `nn.Embedding` (weight).
+must belong to a module whose gradient it knows how to form: a layer type of `fastsel.engine.sites` (nn.Linear,
+nn.Embedding, transformers' Conv1D, ...).
 PEFT LoRA adapters are two `nn.Linear` modules (`lora_A`, `lora_B`) and need nothing more; LoRA variants such as DoRA
 compute their update outside those modules and are refused. A parameter shared by several modules (tied input and
 output embeddings) gets one gradient: the sum over all the modules' calls.
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from fastsel.engine.sites import Role, role_of, supported_types
+
 PARAM_SETS = ("trainable", "lora")
 
 
@@ -22,7 +25,7 @@ class Target:
 
     name: str
     param: Tensor
-    owners: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (module name, module, role)
+    owners: list[tuple[str, nn.Module, Role]] = field(default_factory=list)  # (module name, module, its role)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -43,17 +46,6 @@ def _check_lora_variants(model: nn.Module) -> None:
                 f"module {name!r} uses a LoRA variant ({', '.join(kinds)}), e.g. DoRA: its update is computed "
                 "outside the lora_A/lora_B Linear modules, so fastsel cannot form exact per-example norms for it"
             )
-
-
-def _role(module: nn.Module, pname: str) -> str | None:
-    """Role of a directly owned parameter in a supported module, or None if the module is unsupported."""
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        return {"weight": "linear.weight", "bias": "linear.bias"}.get(pname)
-    if type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding):
-        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-            return None
-        return "embedding.weight" if pname == "weight" else None
-    return None
 
 
 def find_targets(model: nn.Module, params: str = "trainable") -> list[Target]:
@@ -80,14 +72,15 @@ def find_targets(model: nn.Module, params: str = "trainable") -> list[Target]:
             target = chosen.get(id(p))
             if target is None:
                 continue
-            role = _role(module, pname)
+            role = role_of(module, pname)
             if role is None:
                 has_lora = any(_is_lora_name(n) for n, q in model.named_parameters() if q.requires_grad)
                 hint = " Use params='lora' to restrict the norm to the LoRA factors." if has_lora else ""
                 raise NotImplementedError(
                     f"trainable parameter {mname + '.' + pname if mname else pname!r} belongs to an unsupported "
-                    f"module of type {type(module).__name__}; fastsel supports nn.Linear (incl. PEFT LoRA "
-                    f"factors) and nn.Embedding (without max_norm/scale_grad_by_freq/sparse).{hint}"
+                    f"module of type {type(module).__name__}; fastsel supports {', '.join(supported_types())} "
+                    f"(Linear incl. PEFT LoRA factors; Embedding without max_norm/scale_grad_by_freq/sparse: "
+                    f"fastsel.engine.sites).{hint}"
                 )
             target.owners.append((mname, module, role))
     return list(chosen.values())

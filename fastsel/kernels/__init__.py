@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .cost import choose_method
+
 __all__ = ["available", "choose_method", "grouped_linear_sq_norms", "grouped_linear_sq_norms_dots", "installed",
            "interpreted", "linear_dots", "linear_sq_norms", "linear_sq_norms_dots", "segments_from_cu_seqlens"]
 
@@ -56,17 +58,6 @@ def interpreted() -> bool:
 def available() -> bool:
     """True when the kernels can run here: triton importable and a CUDA device or TRITON_INTERPRET=1 (CPU)."""
     return _triton_importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def choose_method(t: int, m: int, n: int) -> str:
-    """Cheapest exact form for T tokens and an m x n weight: 'outer' (T == 1), 'instantiate' or 'gram'.
-
-    Same rule as `fastsel.engine.linear_math.choose_method` (re-implemented: this package never imports fastsel):
-    instantiate costs ~ T*m*n multiply-adds per example, Gram ~ T^2*(m+n); ties go to instantiate.
-    """
-    if t == 1:
-        return "outer"
-    return "instantiate" if t * m * n <= t * t * (m + n) else "gram"
 
 
 def _module(name: str) -> ModuleType:

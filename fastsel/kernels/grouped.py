@@ -92,7 +92,9 @@ def grouped_linear_sq_norms(
             d = torch.cat([deltas[i] for i in idx], dim=0)
         site_ranges = None if ranges is None else _repeat_segments(ranges.to(x.device), len(idx), bsz)
         norms, _ = linear_sq_norms(x, d, method=method, segments=site_ranges, max_length=max_length)
-        out[idx] = norms.view(len(idx), -1).to(out.device)
+        rows = norms.view(len(idx), -1).to(out.device)
+        for row, site in zip(rows, idx, strict=True):  # int indexing: `out[list]` would copy the list to the GPU (a sync)
+            out[site] = row
     return out
 
 

@@ -292,7 +292,7 @@ def linear_sq_norms(
     rows: `segments` int [S, 3] (row, start, end) or `cu_seqlens` [S + 1] over the flattened [B * T] tokens (a
     segment may not cross rows). `max_length` (host int, default T) bounds the segments' lengths: it sizes the Gram
     grid and, with method 'auto', the choice. `method` is 'instantiate', 'gram', 'outer' (T == 1 only) or 'auto':
-    the cheapest by the rule of `fastsel.engine.linear_math.choose_method` (instantiate ~ L*m*n, Gram ~
+    the cheapest by the rule of `fastsel.kernels.cost.choose_method` (instantiate ~ L*m*n, Gram ~
     L^2*(m+n), T == 1 -> outer), or 'instantiate' when `write_grads` asks for the per-example gradients, which only
     that form builds. `_blocks` overrides block sizes (tests): (BLOCK_T, BLOCK_M, BLOCK_N) for instantiate,
     (BLOCK_T, BLOCK_K) for gram.

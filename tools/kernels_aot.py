@@ -9,7 +9,7 @@ each distinct launch through Triton's whole pipeline (TTIR, TTGIR, LLVM IR, PTX,
 bundled in the triton wheel) for a GPU target, and reads the cubin's resource use: registers a thread, local
 memory and stack a thread (register spills), shared memory. It says nothing about speed: that needs the GPU.
 
-    python -m fastsel.kernels.aot --arch 80 90 --out benchmarks/results/kernels-aot.json
+    python tools/kernels_aot.py --arch 80 90 --out benchmarks/results/kernels-aot.json
 
 The sweep covers the norm kernels and the dot kernels of the reference-gradient pass (`linear_dot.py`).
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import triton
 
-from .launch import Launch
+from fastsel.kernels.launch import Launch
 
 # Largest shared memory one block may use (opt-in), bytes, and the register file of one SM.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -68,7 +68,7 @@ class Site:
 def site_launch(site: Site, batch: int = 2) -> Launch:
     """The Launch `linear_sq_norms` (or, for a dot site, `linear_sq_norms_dots` / `linear_dots`) would make for
     `site`, built on meta tensors (nothing allocated or run)."""
-    from . import choose_method, linear_norm
+    from fastsel.kernels import choose_method, linear_norm
 
     x = torch.empty((batch, site.t, site.n), dtype=_DTYPES[site.x_dtype], device="meta")
     delta = torch.empty((batch, site.t, site.m), dtype=_DTYPES[site.delta_dtype], device="meta")
@@ -85,7 +85,7 @@ def site_launch(site: Site, batch: int = 2) -> Launch:
         grads = torch.empty((count, site.m, site.n), dtype=torch.float32, device="meta") if site.write_grads else None
         return linear_norm.instantiate_launch(x, delta, norms, ranges, grads)
     if method == "gram":
-        from .gram_norm import gram_launch
+        from fastsel.kernels.gram_norm import gram_launch
 
         return gram_launch(x, delta, norms, ranges, linear_norm._native_dot(x, delta), max_length=length)
     return linear_norm.outer_launch(x, delta, norms, ranges)
@@ -94,7 +94,7 @@ def site_launch(site: Site, batch: int = 2) -> Launch:
 def _dot_launch(site: Site, x: torch.Tensor, delta: torch.Tensor, norms: torch.Tensor,
                 ranges: torch.Tensor | None, batch: int) -> Launch:
     """A dot site's launch: the fused instantiate (norm + dots) or the project kernel, as `linear_dot` makes it."""
-    from . import linear_dot
+    from fastsel.kernels import linear_dot
 
     refs = torch.empty((1, site.dots, site.m, site.n), dtype=torch.float32, device="meta")
     dots = torch.zeros((batch, site.dots), dtype=torch.float32, device="meta")
@@ -319,7 +319,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastsel.kernels.aot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python tools/kernels_aot.py", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--quick", action="store_true", help="a handful of sites (one of each kernel)")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print the summary only)")
