@@ -2,16 +2,19 @@
 
 - atomic writes: a reader (or a crash) sees the old file or the new one, never a torn one;
 - `module_mode` / `eval_mode`: a model in train or eval mode for a block, its previous mode restored after;
-- `format_bytes`: a byte count for messages and tables.
+- `format_bytes`: a byte count for messages and tables;
+- `json_safe` / `write_json_safe` / `read_json`: results files without NaN (JSON has none);
+- `mean_or_none`: the mean of the measured values (None and NaN left out), None when there is none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +62,33 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dump_kwargs: Any
     """`atomic_write` of `json.dump(obj)` (indent=1 unless given)."""
     dump_kwargs.setdefault("indent", 1)
     atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities -> None, recursively through dicts, lists and tuples (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_safe(path: str | os.PathLike[str], data: Any) -> None:
+    """`atomic_write_json` of `json_safe(data)`; other non-JSON values are written as their str."""
+    atomic_write_json(path, json_safe(data), default=str)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are numbers (None and NaN left out); None when none is."""
+    kept = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(sum(kept) / len(kept)) if kept else None
 
 
 def atomic_write_file(path: str | os.PathLike[str], save: Callable[[str], None]) -> None:

@@ -128,3 +128,89 @@ def test_kernels_import_only_torch_and_triton() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def _package_import_graph() -> dict[str, set[str]]:
+    """fastsel module -> the fastsel modules it imports (at module level or inside functions)."""
+    root = ROOT / "fastsel"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+                target = ".".join(p for p in (base, node.module or "") if p)
+                candidates = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {c for c in candidates if c in modules and c != name}
+    return graph
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    """Imports inside functions count too: a lazy import that closes a cycle only hides it."""
+    graph = _package_import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_functions_fit_on_a_screen() -> None:
+    """No function over 80 lines in the engine, the selection and the training layers."""
+    long = []
+    for layer in ("engine", "selection", "training"):
+        for path in sorted((ROOT / "fastsel" / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, value) of the string constants of a module that are not docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_strategy_names_and_layer_types_live_in_their_homes() -> None:
+    """Strategy names only in fastsel/selection/ (the registry; configs, docs, tests, CLI help aside) and the
+    experiment config's defaults; layer-type checks only in fastsel/engine/sites/."""
+    from fastsel.selection.strategies import STRATEGIES
+
+    names = set(STRATEGIES) - {"random"}  # "random" also names the bench's random-token workload
+    found, type_checks = [], []
+    for path in sorted((ROOT / "fastsel").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("fastsel/selection/") and rel != "fastsel/experiments/config.py":
+            found += [f"{rel}:{line} {value!r}" for line, value in _string_literals(path) if value in names]
+        if not rel.startswith("fastsel/engine/sites/"):
+            text = path.read_text()
+            type_checks += [f"{rel}: {kind}" for kind in ("isinstance(module, nn.Linear)", "nn.Linear.forward",
+                                                           "isinstance(module, nn.Embedding)",
+                                                           "nn.Embedding.forward") if kind in text]
+    assert not found, found
+    assert not type_checks, type_checks

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsel.engine.norms import BACKENDS
+from fastsel.selection import strategies
 
-SELECTION_METHODS = ("full", "random", "moderate", "low", "high")
-REFERENCE_METHODS = ("gradshield", "harmful_similarity")  # selection by gradient dots with safety anchors
+SELECTION_METHODS = strategies.names(references=False)  # the selection strategies (full: no selection)
+REFERENCE_METHODS = strategies.names(references=True)  # selection by gradient dots with safety anchors
 BASELINES = ("grad_clip", "kl", "ewc")
 METHODS = SELECTION_METHODS + REFERENCE_METHODS + BASELINES
 DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
@@ -148,7 +149,7 @@ class EvalSpec:
 class ReportSpec:
     """The report's norm audit: which method's runs measure per-example norms, which stage is tabulated."""
 
-    norm_pass_method: str | None = field(default="moderate", metadata=_limits(choices=METHODS))
+    norm_pass_method: str | None = field(default=strategies.DEFAULT, metadata=_limits(choices=METHODS))
     audit_stage: int = field(default=1, metadata=POSITIVE)
 
 
@@ -401,7 +402,8 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     if not cfg.seeds:
         problems.add("seeds", "must be a non-empty list of integers >= 0")
     tr = cfg.training
-    if any(m in ("random", "moderate", "low", "high", "harmful_similarity") for m in cfg.methods) and _numbers(tr.ratio, tr.batch_size) \
+    uses_ratio = any(m in strategies.STRATEGIES and strategies.strategy(m).uses_ratio for m in cfg.methods)
+    if uses_ratio and _numbers(tr.ratio, tr.batch_size) \
             and tr.ratio * tr.batch_size < 1:
         problems.add("training", f"batch_size {tr.batch_size} x ratio {tr.ratio} keeps < 1 example per batch")
     sa = cfg.safety

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -38,7 +37,10 @@ from fastsel.experiments.config import (
     load_config,
     validate_config,
 )
-from fastsel.utils import atomic_write_file, atomic_write_json, eval_mode
+from fastsel.experiments.summary import headline, summarize
+from fastsel.selection import strategies
+from fastsel.training.checkpoint import load_trainable_file, save_tensors, trainable_state
+from fastsel.utils import atomic_write_file, eval_mode, json_safe, read_json, write_json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -54,50 +56,13 @@ class LoraTargetError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (NaN -> null)."""
-    atomic_write_json(path, _clean(data), default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
-
-
-def _clean(value: Any) -> Any:
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _tiny_model(seed: int = 0) -> Any:
-    """A 2-layer random Llama over the toy tokenizer's 262-token vocabulary."""
-    from fastsel.integrations.models import llama_config, random_model
-
-    config = llama_config(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=262,
-                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-    model = random_model(config, seed=seed, attn_implementation="eager")
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
-    return model
-
-
 def load_base(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) for the config's `model`."""
     if name == TINY:
         from fastsel.experiments.data import toy_tokenizer
+        from fastsel.integrations.models import tiny_random_model
 
-        return _tiny_model(), toy_tokenizer()
+        return tiny_random_model(), toy_tokenizer()
     from fastsel.integrations.models import load_model
 
     return load_model(name)
@@ -114,25 +79,6 @@ def check_lora_targets(model: Any, targets: list[str] | None) -> None:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())})
         raise LoraTargetError(f"lora.targets {unmatched} match no module of the model (its leaf module names: "
                               f"{', '.join(leaves[:20])}{', ...' if len(leaves) > 20 else ''})")
-
-
-def _trainable_state(model: Any) -> dict[str, Any]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
-    """safetensors file written atomically."""
-    from safetensors.torch import save_file
-
-    atomic_write_file(path, lambda name: save_file(tensors, name))
-
-
-def _load_trainable(model: Any, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    from fastsel.training.checkpoint import load_trainable_state
-
-    load_trainable_state(model, load_file(str(path)), source=str(path))
 
 
 def _prepare_resume(train_dir: Path) -> bool:
@@ -378,7 +324,7 @@ class Runner:
                 state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
                 if getattr(model.config, "tie_word_embeddings", False):
                     state.pop("lm_head.weight", None)
-                _save_tensors(state, weights)
+                save_tensors(state, weights)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -397,10 +343,10 @@ class Runner:
         rows = list(tokenize_examples(examples, self.tokenizer, al.max_length))
         peft = add_lora(model, r=al.r, seed=0)
         start = time.time()
-        result = train(peft, rows, strategy="full", batch_size=al.batch_size, lr=al.lr,
+        result = train(peft, rows, strategy=strategies.EVERY_EXAMPLE, batch_size=al.batch_size, lr=al.lr,
                        epochs=al.epochs, seed=0, progress=self.progress, out_dir=str(self.out / "aligned_train"),
                        resume=_prepare_resume(self.out / "aligned_train"))
-        _write_json(self.out / "aligned_train" / "summary.json",
+        write_json_safe(self.out / "aligned_train" / "summary.json",
                     {"rows": len(rows), "steps": result.steps, "final_loss": result.final_loss,
                      "train_s": time.time() - start})
         return peft.merge_and_unload()
@@ -430,10 +376,10 @@ class Runner:
         elif method in REFERENCE_METHODS:
             ref, anchors = self.cfg.reference, self.anchors()
             opts.update(strategy=method, reference_every=ref.every, gradshield_budget=ref.budget,
-                        reference_batches=[anchors["refusal"]] if method == "gradshield"
-                        else [anchors["compliance"], anchors["refusal"]])
+                        reference_batches=[anchors["compliance"], anchors["refusal"]]
+                        if strategies.strategy(method).normalized_anchors else [anchors["refusal"]])
         else:
-            opts["strategy"] = "full"
+            opts["strategy"] = strategies.EVERY_EXAMPLE
             if method == "grad_clip":
                 opts["max_grad_norm"] = tr.max_grad_norm
             elif method == "kl":
@@ -467,10 +413,10 @@ class Runner:
 
         tr = self.cfg.training
         selection = select_indices(torch.tensor([r["loss"] for r in out]), torch.tensor([r["norm"] for r in out]),
-                                   ratio=tr.ratio, strategy="moderate", loss_band=tr.loss_band, seed=0)
+                                   ratio=tr.ratio, strategy=strategies.DEFAULT, loss_band=tr.loss_band, seed=0)
         for r, keep in zip(out, selection.mask.tolist(), strict=True):
             r["moderate_selected"] = bool(keep)
-        _write_json(stage_dir / "norms.json", {"task": task, "ratio": tr.ratio, "rows": out})
+        write_json_safe(stage_dir / "norms.json", {"task": task, "ratio": tr.ratio, "rows": out})
 
     def run_sequence(self, method: str, seed: int, base_result: dict[str, Any]) -> list[dict[str, Any]]:
         """All stages of one (method, seed): train (or skip if finished), evaluate, checkpoint."""
@@ -492,8 +438,8 @@ class Runner:
             stage_dir = run_dir / f"stage{i}"
             done = stage_dir / "stage_result.json"
             if done.exists():
-                _load_trainable(model, stage_dir / "trainable.safetensors")
-                results.append(_read_json(done))
+                load_trainable_file(model, stage_dir / "trainable.safetensors")
+                results.append(read_json(done))
                 if method == "ewc" and i < len(self.tasks):
                     from safetensors.torch import load_file
 
@@ -521,9 +467,9 @@ class Runner:
                 fisher = diagonal_fisher(model, rows, batch_size=self.cfg.training.batch_size,
                                          pad_token_id=pad_token_id_of(self.tokenizer))
                 ewc_state = {"fisher": fisher, "anchor": anchor_parameters(model)}
-                _save_tensors({k: v.contiguous() for k, v in fisher.items()}, stage_dir / "ewc_fisher.safetensors")
-                _save_tensors(ewc_state["anchor"], stage_dir / "ewc_anchor.safetensors")
-            _save_tensors(_trainable_state(model), stage_dir / "trainable.safetensors")
+                save_tensors({k: v.contiguous() for k, v in fisher.items()}, stage_dir / "ewc_fisher.safetensors")
+                save_tensors(ewc_state["anchor"], stage_dir / "ewc_anchor.safetensors")
+            save_tensors(trainable_state(model), stage_dir / "trainable.safetensors")
             evaluation = self.evaluate(model)
             norms = [r for r in result.history if r.get("norm_median") is not None]
             stage = {"stage": i, "task": task, "method": method, "seed": seed, **evaluation,
@@ -531,10 +477,10 @@ class Runner:
                      "train": {"steps": result.steps, "final_loss": result.final_loss, "train_s": train_s,
                                "margin_curve_s": curve.seconds,
                                "kept": sum(r["kept"] for r in result.history),
-                               "candidates": sum(r["candidates"] for r in result.history),
+                               "examples": sum(r["batch_size"] for r in result.history),
                                "norm_median_mean": (sum(r["norm_median"] for r in norms) / len(norms)
                                                     if norms else None)}}
-            _write_json(done, _clean(stage))
+            write_json_safe(done, json_safe(stage))
             results.append(stage)
             logger.info("%s seed %d stage %d (%s): ASR %.1f%% scores %s (train %.0fs, eval %.0fs)", method, seed,
                         i, task, stage["asr"], {k: round(v, 1) for k, v in stage["scores"].items()}, train_s,
@@ -547,7 +493,7 @@ class Runner:
         t0 = time.time()
         saved = self.out / "config.json"
         config = json.loads(json.dumps(self.cfg.to_json()))
-        if saved.exists() and _read_json(saved) != config:
+        if saved.exists() and read_json(saved) != config:
             raise ConfigMismatch(f"{self.out} holds a run of a different config ({saved}): its finished stages "
                                  "would not match this config; use a new --out directory")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -556,13 +502,13 @@ class Runner:
         self.prepare_data()
         if any(m in REFERENCE_METHODS for m in self.cfg.methods):
             self.anchors()  # the anchor data is read and tokenized before anything trains
-        _write_json(saved, config)
+        write_json_safe(saved, config)
         base_file = self.out / "runs" / "base" / "stage_result.json"
         if base_file.exists():
-            base_result = _read_json(base_file)
+            base_result = read_json(base_file)
         else:
-            base_result = _clean({"stage": 0, "task": "base", **self.evaluate(self.base, reference=False)})
-            _write_json(base_file, base_result)
+            base_result = json_safe({"stage": 0, "task": "base", **self.evaluate(self.base, reference=False)})
+            write_json_safe(base_file, base_result)
         per_run: dict[str, dict[int, list[dict[str, Any]]]] = {}
         for method in self.cfg.methods:
             for seed in self.cfg.seeds:
@@ -572,70 +518,8 @@ class Runner:
         results = summarize(per_run, self.tasks)
         results.update(safety_summary(per_run, base_result))
         results["wall_s"] = time.time() - t0
-        _write_json(self.out / "results.json", results)
+        write_json_safe(self.out / "results.json", results)
         return results
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(values) / len(values) if values else None
-
-
-def _continual(scores: dict[str, list[float]], tasks: list[str]) -> dict[str, float | None]:
-    """avg / BWT / FM / max drop from the stage x task matrix after each training stage (base row dropped)."""
-    from fastsel.experiments.eval import continual_metrics
-
-    matrix = [[scores[t][i] for t in tasks] for i in range(1, len(tasks) + 1)]
-    metrics = continual_metrics(matrix)
-    return _clean({"avg_perf": metrics["avg"], "bwt": metrics["bwt"], "fm": metrics["fm"],
-                   "max_drop": metrics["max_drop"]})
-
-
-def summarize(per_run: dict[str, dict[int, list[dict[str, Any]]]], tasks: list[str]) -> dict[str, Any]:
-    """results.json: per method the per-stage ASR and task scores (means over seeds) and continual metrics."""
-    out: dict[str, Any] = {"stages": ["base", *tasks], "tasks": list(tasks), "methods": {}}
-    for method, seeds in per_run.items():
-        per_seed = {}
-        for seed, stages in seeds.items():
-            scores = {t: [s["scores"][t] for s in stages] for t in tasks}
-            per_seed[str(seed)] = {"asr": [s["asr"] for s in stages], "scores": scores,
-                                   **_continual(scores, tasks),
-                                   "train_s": [s.get("train", {}).get("train_s") for s in stages[1:]]}
-        runs = list(per_seed.values())
-        n_stages = len(tasks) + 1
-        entry = {"asr": [_mean([r["asr"][i] for r in runs]) for i in range(n_stages)],
-                 "scores": {t: [_mean([r["scores"][t][i] for r in runs]) for i in range(n_stages)] for t in tasks}}
-        for key in ("avg_perf", "bwt", "fm", "max_drop"):
-            entry[key] = _mean([r[key] for r in runs])
-        entry["per_seed"] = per_seed
-        out["methods"][method] = _clean(entry)
-    return out
-
-
-def headline(results: dict[str, Any]) -> str:
-    """Plain-text table: ASR and mean task score per method per stage."""
-    stages = results["stages"]
-    lines = ["ASR (%) per stage / mean task score per stage", f"{'method':<10} " + " ".join(
-        f"{s:>14}" for s in stages)]
-    for method, entry in results["methods"].items():
-        cells = []
-        for i in range(len(stages)):
-            score = _mean([entry["scores"][t][i] for t in results["tasks"]])
-            cells.append(f"{_fmt(entry['asr'][i])} / {_fmt(score)}")
-        lines.append(f"{method:<10} " + " ".join(f"{c:>14}" for c in cells))
-    lines.append("continual metrics (task scores after each stage): avg / BWT / FM / max drop")
-    for method, entry in results["methods"].items():
-        lines.append(f"{method:<10} " + " / ".join(_fmt(entry[k]) for k in ("avg_perf", "bwt", "fm", "max_drop")))
-    if results.get("strategies"):
-        from fastsel.experiments.report import ordering_text, safety_table
-
-        lines += ["safety after the last stage: mean [95% bootstrap CI over seeds x prompts]", safety_table(results),
-                  ordering_text(results)]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 def run_continual(config: str | os.PathLike[str] | Mapping[str, Any] | ContinualConfig, out: str | os.PathLike[str],

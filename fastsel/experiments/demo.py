@@ -15,6 +15,7 @@ import torch
 
 import fastsel
 from fastsel.integrations.models import EMBEDDED, add_lora, load_model
+from fastsel.selection import strategies
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):  # the second step, warm, times a plain batched forward+backward (the floor)
         t = time.perf_counter()
-        fastsel.selective_backward(batch, model, strategy="full")
+        fastsel.selective_backward(batch, model, strategy=strategies.EVERY_EXAMPLE)
         plain_s = time.perf_counter() - t
         optimizer.step()
         optimizer.zero_grad()
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     slow = fastsel.norm_pass(batch, model, backend="naive")
     naive_s = time.perf_counter() - t
-    sel = fastsel.select_indices(fast.losses, fast.norms, ratio=args.ratio, strategy="moderate")
+    sel = fastsel.select_indices(fast.losses, fast.norms, ratio=args.ratio, strategy=strategies.DEFAULT)
     rel = (fast.norms - slow.norms).abs() / slow.norms
 
     print(f"\n{'#':>2}  {'answer':<34} {'tokens':>6} {'loss':>7} {'G torch':>10} {'G naive':>10} {'rel diff':>9}"

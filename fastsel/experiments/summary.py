@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastsel.experiments.eval.bootstrap import bootstrap_ci, paired_difference_ci
+from fastsel.selection import strategies
+from fastsel.utils import json_safe, mean_or_none
 
 #: The paper's claim, most harmful first (strategies missing from a run are skipped).
-HYPOTHESIS = ("high", "random", "moderate", "low")
+HYPOTHESIS = strategies.HARM_ORDER
 #: metric -> +1 if a larger value means more harm (or drift), -1 if a smaller one does.
 HARM_DIRECTION = {"asr": 1, "refusal_margin": -1, "kl_harmful": 1}
 #: The metrics summarized (each a seeds x items matrix: `_matrix_rows`).
@@ -105,3 +107,62 @@ def safety_summary(per_run: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]
     return {"seeds": seeds, "n_prompts": len(pp.get("ids") or []), "base": _cis(base_matrices),
             "strategies": {m: _cis(x) for m, x in matrices.items()}, "ordering": ordering(matrices),
             "curves": curves}
+
+
+# ------------------------------------------------------------------------------- results.json of a run
+
+def _continual(scores: dict[str, list[float]], tasks: list[str]) -> dict[str, float | None]:
+    """avg / BWT / FM / max drop from the stage x task matrix after each training stage (base row dropped)."""
+    from fastsel.experiments.eval import continual_metrics
+
+    matrix = [[scores[t][i] for t in tasks] for i in range(1, len(tasks) + 1)]
+    metrics = continual_metrics(matrix)
+    return json_safe({"avg_perf": metrics["avg"], "bwt": metrics["bwt"], "fm": metrics["fm"],
+                   "max_drop": metrics["max_drop"]})
+
+
+def summarize(per_run: dict[str, dict[int, list[dict[str, Any]]]], tasks: list[str]) -> dict[str, Any]:
+    """results.json: per method the per-stage ASR and task scores (means over seeds) and continual metrics."""
+    out: dict[str, Any] = {"stages": ["base", *tasks], "tasks": list(tasks), "methods": {}}
+    for method, seeds in per_run.items():
+        per_seed = {}
+        for seed, stages in seeds.items():
+            scores = {t: [s["scores"][t] for s in stages] for t in tasks}
+            per_seed[str(seed)] = {"asr": [s["asr"] for s in stages], "scores": scores,
+                                   **_continual(scores, tasks),
+                                   "train_s": [s.get("train", {}).get("train_s") for s in stages[1:]]}
+        runs = list(per_seed.values())
+        n_stages = len(tasks) + 1
+        entry = {"asr": [mean_or_none([r["asr"][i] for r in runs]) for i in range(n_stages)],
+                 "scores": {t: [mean_or_none([r["scores"][t][i] for r in runs]) for i in range(n_stages)] for t in tasks}}
+        for key in ("avg_perf", "bwt", "fm", "max_drop"):
+            entry[key] = mean_or_none([r[key] for r in runs])
+        entry["per_seed"] = per_seed
+        out["methods"][method] = json_safe(entry)
+    return out
+
+
+def headline(results: dict[str, Any]) -> str:
+    """Plain-text table: ASR and mean task score per method per stage."""
+    stages = results["stages"]
+    lines = ["ASR (%) per stage / mean task score per stage", f"{'method':<10} " + " ".join(
+        f"{s:>14}" for s in stages)]
+    for method, entry in results["methods"].items():
+        cells = []
+        for i in range(len(stages)):
+            score = mean_or_none([entry["scores"][t][i] for t in results["tasks"]])
+            cells.append(f"{_fmt(entry['asr'][i])} / {_fmt(score)}")
+        lines.append(f"{method:<10} " + " ".join(f"{c:>14}" for c in cells))
+    lines.append("continual metrics (task scores after each stage): avg / BWT / FM / max drop")
+    for method, entry in results["methods"].items():
+        lines.append(f"{method:<10} " + " / ".join(_fmt(entry[k]) for k in ("avg_perf", "bwt", "fm", "max_drop")))
+    if results.get("strategies"):
+        from fastsel.experiments.report import ordering_text, safety_table
+
+        lines += ["safety after the last stage: mean [95% bootstrap CI over seeds x prompts]", safety_table(results),
+                  ordering_text(results)]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

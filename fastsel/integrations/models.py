@@ -71,6 +71,16 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype)
 
 
+def tiny_random_model(seed: int = 0, vocab: int = 262) -> nn.Module:
+    """A 2-layer random Llama (hidden 32) over the byte-level toy tokenizer's 262-token vocabulary: the model of
+    the pipeline's CI config (`model: tiny-random`) and of smoke runs."""
+    config = llama_config(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=vocab,
+                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    model = random_model(config, seed=seed, attn_implementation="eager")
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    return model
+
+
 QUANTIZATIONS = ("nf4",)
 
 
@@ -116,9 +126,25 @@ def load_model(name: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, devi
         source, kwargs = embedded_model_dir(), {"gguf_file": GGUF_FILE}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = load_causal_lm(source, dtype=dtype, device=device, quantization=quantization, **kwargs)
+    if "gguf_file" in kwargs:
+        trainable_after_gguf(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def trainable_after_gguf(model: nn.Module) -> nn.Module:
+    """Clear the GGUF quantization marker of a model loaded with `gguf_file=` (returns the model).
+
+    transformers de-quantizes a GGUF file to plain float weights at load, but keeps `hf_quantizer` (GGUF) and
+    `is_quantized` on the model, and `Trainer` / TRL's `SFTTrainer` then refuse to train it ("quantized with
+    QuantizationMethod.GGUF ... do not support training"). The weights are ordinary tensors, so the marker is
+    dropped; `load_model` does it for the embedded model, so it trains like any other.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model
 
 
 def add_lora(model: nn.Module, *, r: int = 16, alpha: int | None = None, dropout: float = 0.0,

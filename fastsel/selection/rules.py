@@ -36,11 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from fastsel.selection import ops as select_ops
-
-STRATEGIES = ("moderate", "low", "high", "random", "full", "gradshield", "harmful_similarity")
-NORM_STRATEGIES = ("moderate", "low", "high")  # need per-example gradient norms (the loss band applies)
-# strategy -> (fewest, most references, anchors normalized as He et al.)
-REFERENCE_STRATEGIES = {"gradshield": (1, 1, False), "harmful_similarity": (1, 2, True)}
+from fastsel.selection import strategies
+from fastsel.selection.strategies import DEFAULT
 
 GradShieldRule = Callable[[Tensor, float], Tensor]  # (float64 scores [B], budget) -> kept batch positions
 
@@ -71,10 +68,9 @@ class Selection:
         return int(self.indices.numel())
 
 
-def check_options(ratio: float, strategy: str, loss_band: float | None) -> None:
+def check_options(ratio: float, strategy_name: str, loss_band: float | None) -> None:
     """Reject bad selection options with a message naming the problem."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
+    strategies.strategy(strategy_name)  # unknown: ValueError naming the choices
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
     if loss_band is not None and (isinstance(loss_band, bool) or not isinstance(loss_band, (int, float))
@@ -82,26 +78,29 @@ def check_options(ratio: float, strategy: str, loss_band: float | None) -> None:
         raise ValueError(f"loss_band must be a finite number >= 0 or None, got {loss_band!r}")
 
 
-def needs_reference(strategy: str) -> bool:
-    """Whether `strategy` scores examples by their gradient dots with reference gradients."""
-    return strategy in REFERENCE_STRATEGIES
+def needs_reference(name: str) -> bool:
+    """Whether strategy `name` scores examples by their gradient dots with reference gradients."""
+    return strategies.strategy(name).references is not None
 
 
-def needs_measurement(strategy: str) -> bool:
-    """Whether `strategy` needs the norm pass (norms, or dots with references)."""
-    return strategy in NORM_STRATEGIES or needs_reference(strategy)
+def needs_measurement(name: str) -> bool:
+    """Whether strategy `name` needs the norm pass (norms, or dots with references)."""
+    return strategies.strategy(name).needs_measurement
 
 
-def check_reference_option(strategy: str, reference: object | None, what: str = "reference") -> None:
+REFERENCE_HINTS = {  # what to pass as reference= to a reference strategy
+    "gradshield": "the gradient of a safety loss, e.g. fastsel.reference_gradient(refusal_batch, model)",
+    "harmful_similarity": "[R_harm, R_safe] from fastsel.reference_gradient(anchor_batch, model, normalize=True)",
+}
+
+
+def check_reference_option(name: str, reference: object | None, what: str = "reference") -> None:
     """A reference strategy without a reference, or a reference given to a strategy that ignores it: ValueError."""
-    if needs_reference(strategy) and reference is None:
-        hint = ("the gradient of a safety loss, e.g. fastsel.reference_gradient(refusal_batch, model)"
-                if strategy == "gradshield" else
-                "[R_harm, R_safe] from fastsel.reference_gradient(anchor_batch, model, normalize=True)")
-        raise ValueError(f"strategy {strategy!r} needs {what}= ({hint})")
-    if reference is not None and not needs_reference(strategy):
-        raise ValueError(f"{what}= is used only by the strategies {tuple(REFERENCE_STRATEGIES)}, not by "
-                         f"{strategy!r}")
+    if needs_reference(name) and reference is None:
+        raise ValueError(f"strategy {name!r} needs {what}= ({REFERENCE_HINTS.get(name, 'reference gradients')})")
+    if reference is not None and not needs_reference(name):
+        users = tuple(n for n in REFERENCE_HINTS if needs_reference(n))
+        raise ValueError(f"{what}= is used only by the strategies {users}, not by {name!r}")
 
 
 def check_budget(budget: float) -> None:
@@ -129,18 +128,19 @@ def largest_safe_set(scores: Tensor, budget: float = 0.0) -> Tensor:
     return order[:keep].sort().values
 
 
-def reference_scores(strategy: str, dots: Tensor, grad_norms: Tensor) -> Tensor:
+def reference_scores(name: str, dots: Tensor, grad_norms: Tensor) -> Tensor:
     """float64 [B] scores of a reference strategy from dots ([B] or [B, K]) and norms [B] (module docstring)."""
-    lo, hi, _ = REFERENCE_STRATEGIES[strategy]
+    strategy_ = strategies.strategy(name)
+    lo, hi = strategy_.references
     d = dots.detach().double().cpu()
     d = d[:, None] if d.dim() == 1 else d
     if d.dim() != 2 or d.shape[0] != grad_norms.numel() or not lo <= d.shape[1] <= hi:
-        raise ValueError(f"strategy {strategy!r} takes {lo if lo == hi else f'{lo} or {hi}'} reference(s): "
+        raise ValueError(f"strategy {name!r} takes {lo if lo == hi else f'{lo} or {hi}'} reference(s): "
                          f"dots must be [B] or [B, K] with B = {grad_norms.numel()}, got {tuple(dots.shape)}")
     if not bool(torch.isfinite(d).all()):
         bad = (~torch.isfinite(d)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"non-finite gradient dots for example(s) {bad}")
-    if strategy == "gradshield":
+    if not strategy_.normalized_anchors:  # gradshield: minus the dot with grad S
         return -d[:, 0]
     norms = grad_norms.detach().double().cpu()
     similarity = d[:, 0] - d[:, 1] if d.shape[1] == 2 else d[:, 0]
@@ -163,7 +163,7 @@ def candidate_mask(losses: Tensor, loss_band: float | None) -> Tensor:
     return select_ops.loss_band(losses, float(loss_band))
 
 
-def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, strategy: str = "moderate",
+def select_indices(losses: Tensor, grad_norms: Tensor, *, ratio: float = 0.2, strategy: str = DEFAULT,
                    loss_band: float | None = 1.0, seed: int | None = None, dots: Tensor | None = None,
                    gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:
     """Apply the selection rule to measured per-example losses and gradient norms (both [B]); the reference
@@ -237,7 +237,7 @@ def _finish(chosen: Tensor, losses: Tensor, grad_norms: Tensor, candidates: Tens
     return Selection(chosen.long(), mask, grad_norms, losses, candidates, float(median), k, strategy, short, note)
 
 
-def select(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2, strategy: str = "moderate",
+def select(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2, strategy: str = DEFAULT,
            loss_band: float | None = 1.0, seed: int | None = None, params: str = "trainable",
            backend: str = "auto", reference: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | None = None,
            gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fastsel.utils import fsync_path, write_synced
+from fastsel.utils import atomic_write_file, fsync_path, write_synced
 
 FORMAT = "fastsel-checkpoint"
 VERSION = 1
@@ -102,6 +102,20 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, Tensor], source: 
                 raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(value.shape)} in the "
                                       f"checkpoint but {tuple(p.shape)} in the model")
             p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """A safetensors file, written atomically (contiguous copies where needed)."""
+    from safetensors.torch import save_file
+
+    atomic_write_file(path, lambda name: save_file({k: v.contiguous() for k, v in tensors.items()}, name))
+
+
+def load_trainable_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """`load_trainable_state` from a safetensors file (as `save_tensors(trainable_state(model), path)` wrote)."""
+    from safetensors.torch import load_file
+
+    load_trainable_state(model, load_file(str(path)), source=str(path))
 
 
 def capture_rng(data_generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -113,13 +113,11 @@ def _locally_pending(p: Tensor) -> bool:
 
 def _refuse_unreduced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     del args, kwargs
-    from fastsel.training.selective import UnreducedGradientError
-
     params = [p for group in optimizer.param_groups for p in group["params"] if p in _PENDING]
     _forget([p for p in params if _window_state(p) == "dropped"])
     pending = sum(1 for p in params if _locally_pending(p))
     if pending:
-        raise UnreducedGradientError(
+        raise distributed.UnreducedGradientError(
             f"{pending} FSDP2 parameter(s) hold gradients added by selective_backward(..., sync=False) that were "
             "never reduce-scattered over ranks: the last micro-batch before optimizer.step() must call "
             "selective_backward(..., sync=True) (with the Trainer integration: accelerate's sync_gradients does "

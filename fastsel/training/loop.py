@@ -54,15 +54,16 @@ from fastsel.engine.model_io import (
 )
 from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.sharded import is_sharded
-from fastsel.selection.rules import NORM_STRATEGIES, Selection, select, select_indices
+from fastsel.selection.rules import Selection, select, select_indices
+from fastsel.selection.strategies import strategy
 from fastsel.training import checkpoint as ckpt
 from fastsel.training import distributed
-from fastsel.training.options import check_number, check_step_options, is_int
-from fastsel.training.reference_schedule import ReferenceSchedule, check_reference_options
+from fastsel.training.options import SelectionOptions, check_number, is_int
+from fastsel.training.reference_schedule import ReferenceSchedule
 from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
 from fastsel.training.rows import DataOrder, check_dataset
 from fastsel.training.selective import selective_backward
-from fastsel.utils import atomic_replace_dir, atomic_write_text
+from fastsel.utils import atomic_replace_dir, atomic_write_text, mean_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,12 @@ _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # need a metric ea
 
 
 @dataclass
-class TrainConfig:
-    """Options of `train` (all can also be passed as keyword overrides)."""
+class TrainConfig(SelectionOptions):
+    """Options of `train` (all can also be passed as keyword overrides): the selection options it shares with
+    `fastsel.hf.SelectionConfig` (`SelectionOptions`: ratio, strategy, loss_band, single_pass, backend,
+    memory_budget_bytes, the reference options) and the loop's own."""
 
     batch_size: int = 32  # candidate rows per micro-batch; selection keeps max(1, floor(ratio * batch_size))
-    ratio: float = 0.2  # fraction kept per micro-batch
-    strategy: str = "moderate"  # moderate | low | high | random | full (no selection) | gradshield | harmful_similarity
-    loss_band: float | None = 1.0  # candidates: |L_i - mean L| <= loss_band * std L (None: all)
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: int = 1
@@ -90,8 +90,6 @@ class TrainConfig:
     ewc_coef: float = 0.0  # weight of the EWC penalty 1/2 sum F (theta - theta*)^2
     ewc_fisher: dict[str, Tensor] | None = None  # previous task's diagonal Fisher (diagonal_fisher)
     ewc_anchor: dict[str, Tensor] | None = None  # parameter values at the end of the previous task
-    single_pass: bool | str = "auto"  # selective_backward's single-pass option
-    backend: str = "auto"  # norm backend: auto | torch | triton | naive
     lr_scheduler: str = "constant"  # get_scheduler name; constant + warmup_steps = constant_with_warmup
     warmup_steps: int = 0
     out_dir: str | None = None  # log.jsonl, checkpoints/, adapter/ (None: nothing written)
@@ -103,10 +101,11 @@ class TrainConfig:
     max_steps: int | None = None  # if set, train exactly this many steps (cycling epochs; `epochs` ignored)
     packing: bool | str = "auto"  # pack each micro-batch padding-free: True | False | "auto" (where the model can)
     max_packed_tokens: int | None = None  # packed rows of at most this many tokens (None: one row per micro-batch)
-    reference: Any = None  # gradshield / harmful_similarity: fixed reference gradient dict(s)
-    reference_batches: list[Any] | None = None  # ... or batches per reference, recomputed every reference_every
-    reference_every: int = 0  # optimizer steps between recomputations (0: computed once, at the start)
-    gradshield_budget: float = 0.0  # gradshield: largest kept set with summed first-order safety change <= this
+
+    def __post_init__(self) -> None:
+        """Checked at construction (as `SelectionConfig` is): a bad option fails where it is written."""
+        super().__post_init__()
+        check_options(self)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able view (the EWC tensors are replaced by a marker)."""
@@ -136,10 +135,9 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------- input checks
 
-def check_config(cfg: TrainConfig, model: nn.Module) -> None:
-    """Reject bad options and models before anything runs, with a message naming the problem."""
-    check_step_options(ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
-                       single_pass=cfg.single_pass, backend=cfg.backend, memory_budget_bytes=None)
+def check_options(cfg: TrainConfig) -> None:
+    """Reject bad options of the loop's own, with a message naming the option (the selection options are checked
+    by `SelectionOptions`)."""
     for name in ("batch_size", "epochs", "grad_accum", "log_every", "keep_last"):
         check_number(name, getattr(cfg, name), low=1, inclusive=True, integer=True)
     for name in ("save_every", "warmup_steps", "seed"):
@@ -152,9 +150,7 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
     check_number("max_grad_norm", cfg.max_grad_norm, low=0, inclusive=False, optional=True)
     for name in ("weight_decay", "kl_coef", "ewc_coef"):
         check_number(name, getattr(cfg, name), low=0, inclusive=True)
-    check_reference_options(cfg.strategy, cfg.reference, cfg.reference_batches, cfg.reference_every,
-                            cfg.gradshield_budget)
-    if cfg.strategy not in ("full", "gradshield") and cfg.ratio * cfg.batch_size < 1:
+    if strategy(cfg.strategy).uses_ratio and cfg.ratio * cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size} with ratio={cfg.ratio} keeps less than one example "
                          f"per candidate batch: use batch_size >= {math.ceil(1 / cfg.ratio)} (= 1/ratio) or "
                          "strategy 'full'")
@@ -174,6 +170,12 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
         raise ValueError(f"pad_token_id must be a non-negative int or None, got {cfg.pad_token_id!r}")
     if cfg.save_every and cfg.out_dir is None:
         raise ValueError("save_every > 0 needs out_dir (where the checkpoints go)")
+
+
+def check_config(cfg: TrainConfig, model: nn.Module) -> None:
+    """Reject bad options and models before anything runs, with a message naming the problem."""
+    SelectionOptions.__post_init__(cfg)  # again: a field may have been changed since construction
+    check_options(cfg)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -225,7 +227,7 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
                  reference: Any = None) -> Selection:
     """Algorithm 1 without touching `.grad`: norms (and dots) only for the strategies that need them."""
     options = dict(ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band, seed=seed)
-    if cfg.strategy in NORM_STRATEGIES or reference is not None:
+    if strategy(cfg.strategy).needs_norms or reference is not None:
         return select(batch, model, backend=cfg.backend, reference=reference,
                       gradshield_budget=cfg.gradshield_budget, **options)
     with torch.no_grad():
@@ -283,10 +285,6 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     t = torch.tensor(values, dtype=torch.float64)
     return {"norm_min": float(t.min()), "norm_median": float(t.quantile(0.5)), "norm_max": float(t.max()),
             "norm_mean": float(t.mean())}
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
 
 
 def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -396,78 +394,27 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     pad_id = _pad_token_id(cfg, model)
     packed = use_packing(cfg, model, dataset)
     logger.info("micro-batches %s", "packed (padding-free rows)" if packed else "padded")
-    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
-    ckpt_root = out_dir / "checkpoints" if out_dir else None
-    log_path = out_dir / "log.jsonl" if out_dir else None
-    if resume is True and out_dir is None:
-        raise ValueError("resume=True needs out_dir (where the checkpoints are), or pass resume=<checkpoint>")
-    has_log = log_path is not None and log_path.exists() and log_path.stat().st_size > 0
-    if out_dir and not resume and (ckpt.list_checkpoints(ckpt_root) or has_log):
-        raise ValueError(f"{out_dir} already holds a run (log.jsonl or checkpoints): pass resume=True to "
-                         "continue it, or use a new out_dir")
-    device = model_device(model)
-    if cfg.ewc_coef > 0:  # move the EWC state to the parameters' device once, not every micro-batch
-        cfg = replace(cfg, **{name: {k: v.to(device=device, dtype=torch.float32)
-                                     for k, v in getattr(cfg, name).items()}
-                              for name in ("ewc_fisher", "ewc_anchor")})
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    if cfg.bf16 and not use_bf16:
-        warnings.warn("bf16=True: bf16 autocast is used on CUDA only; training in the model's dtype on "
-                      f"{device.type}", stacklevel=2)
+    out_dir, ckpt_root, log_path = _run_folder(cfg, resume)
+    cfg, use_bf16 = _on_device(cfg, model)
 
-    # -- plan: data order, steps, optimizer, scheduler
+    # -- plan: data order, steps, optimizer, scheduler, the reference gradients of a reference strategy
     order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.drop_last)
     total_micro = None if cfg.max_steps else cfg.epochs * order.per_epoch
     total_steps = cfg.max_steps or math.ceil(total_micro / cfg.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from transformers import get_scheduler
-
-    scheduler_name = cfg.lr_scheduler
-    if scheduler_name == "constant" and cfg.warmup_steps:
-        scheduler_name = "constant_with_warmup"
-    scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-
-    # -- the reference gradients of a reference strategy (checked against the model now)
+    optimizer, scheduler = _optimizer_and_scheduler(cfg, params, total_steps)
     references = ReferenceSchedule(cfg.strategy, cfg.reference, cfg.reference_batches, cfg.reference_every)
 
     # -- resume: parameters, optimizer, scheduler, RNG, data position, log
-    step, history = 0, []
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temps(ckpt_root)
     resume_from = _resume_path(resume, ckpt_root)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from)
-        _check_resume_config(state.config, cfg, len(dataset), state.trainer_state, resume_from)
-        ckpt.load_trainable_state(model, state.trainable, source=str(resume_from / "trainable.safetensors"))
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        ckpt.restore_rng(state.rng)
-        position = state.trainer_state
-        order.load_state(position["epoch"], position["position"], state.rng["data_order"])
-        step = state.step
-        references.load_state_dict(state.extra, model)
-        if ckpt_root is not None and resume_from.parent.resolve() == ckpt_root.resolve():
-            for moved in ckpt.set_aside_after(ckpt_root, step):
-                warnings.warn(f"checkpoint newer than the resumed step {step} set aside as {moved}",
-                              stacklevel=2)
-        logger.info("resumed from %s at step %d", resume_from, step)
-    if log_path:  # keep the records of the steps done so far (none on a fresh start), drop any later ones
-        history = _read_log(log_path, step)
-    log_file = open(log_path, "a") if log_path else None  # closed in the finally below
-
-    def save(at_step: int) -> Path:
-        if log_file:
-            log_file.flush()
-            os.fsync(log_file.fileno())
-        trainer_state = {**order.state_dict(), "step": at_step, "dataset_size": len(dataset),
-                         "total_steps": total_steps, "time": time.time()}
-        rng = {**ckpt.capture_rng(), "data_order": order.generator_state()}
-        return ckpt.save_checkpoint(ckpt_root, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    rng=rng, trainer_state=trainer_state, config=cfg.to_json(),
-                                    keep_last=cfg.keep_last, extra=references.state_dict())
+    step = 0 if resume_from is None else _restore(resume_from, cfg, dataset, model, optimizer, scheduler, order,
+                                                  references, ckpt_root)
+    history = _read_log(log_path, step) if log_path else []  # the records of the steps done so far
+    run = _Run(model, dataset, cfg, row_ids, pad_id, packed, use_bf16, order, total_micro, total_steps, params,
+               optimizer, scheduler, references, ckpt_root)
 
     # -- the loop
     from tqdm.auto import tqdm
@@ -479,91 +426,22 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="fastsel train",
                dynamic_ncols=True)
     last_saved = (step, resume_from) if resume_from is not None else None  # newest checkpoint of this state
+    log_file = open(log_path, "a") if log_path else None  # closed in the finally below
     try:
         while step < total_steps:
-            micro_start = step * cfg.grad_accum
-            n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum,
-                                                                     total_micro - micro_start)
-            kept_ids, dropped_ids, kept_losses, all_losses, norms, passes, scores = [], [], [], [], [], [], []
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                reference = references.get(model, step)
-            for m in range(n_micro):
-                epoch, rows = order.next()
-                features = [dataset[i] for i in rows]
-                batch = pack(features, pad_id, max_tokens=cfg.max_packed_tokens) if packed else \
-                    collate(features, pad_id)
-                seed = _micro_seed(cfg.seed, micro_start + m)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16), \
-                        packed_attention(model, packed):
-                    if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
-                        selection = _select_only(batch, model, cfg, seed, reference)
-                        if selection.num_selected:
-                            _regularized_backward(batch, model, cfg, selection.indices, 1.0 / n_micro)
-                    else:
-                        selection = selective_backward(batch, model, ratio=cfg.ratio, strategy=cfg.strategy,
-                                                       loss_band=cfg.loss_band, single_pass=cfg.single_pass,
-                                                       seed=seed, scale=1.0 / n_micro, backend=cfg.backend,
-                                                       sync=m == n_micro - 1,  # DDP: reduce once per step
-                                                       reference=reference,
-                                                       gradshield_budget=cfg.gradshield_budget)
-                mask = selection.mask.tolist()
-                losses = selection.losses.tolist()
-                passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows "
-                                                        "with the regularizers")
-                kept_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if keep]
-                dropped_ids += [row_ids[r] for r, keep in zip(rows, mask, strict=True) if not keep]
-                kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
-                all_losses += losses
-                if cfg.strategy in NORM_STRATEGIES or reference is not None:
-                    norms += selection.grad_norms.tolist()
-                if selection.scores is not None:
-                    scores += selection.scores.tolist()
-
-            lr = scheduler.get_last_lr()[0]
-            skipped = not kept_ids
-            grad_norm = None
-            if skipped:
-                logger.warning("step %d: the selection kept no example (loss band too narrow?): no update",
-                               step + 1)
-            else:
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            record = {"step": step, "total_steps": total_steps, "epoch": epoch, "loss_kept": _mean(kept_losses),
-                      "loss_all": _mean(all_losses), **_stats(norms), "kept": len(kept_ids),
-                      "candidates": len(all_losses), "kept_fraction": len(kept_ids) / len(all_losses),
-                      "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "kept_ids": kept_ids,
-                      "dropped_ids": dropped_ids, "pass_reasons": passes}
-            if reference is not None:  # the reference strategies' scores (positive: judged harmful)
-                record.update(score_mean=_mean(scores), scored_harmful=sum(1 for v in scores if v > 0),
-                              reference_step=references.computed_at)
+            record = run.step(step)
+            step = record["step"]
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if ckpt_root is not None and cfg.save_every and step % cfg.save_every == 0:
-                last_saved = (step, save(step))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                shown = {"loss": record["loss_kept"], "kept": record["kept_fraction"],
-                         "med": record["norm_median"]}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
-                logger.info("step %d/%d loss %s kept %.3f", step, total_steps, record["loss_kept"],
-                            record["kept_fraction"])
+                last_saved = (step, run.save(step, log_file))
+            _show(bar, record, cfg.log_every)
             if on_step is not None:
                 on_step(record)
 
-        # -- the end: final checkpoint and the adapter
-        checkpoint_path = adapter_path = None
-        if ckpt_root is not None:
-            checkpoint_path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
-            if _is_peft(model):
-                adapter_path = out_dir / "adapter"
-                _save_adapter(model, adapter_path)
+        checkpoint_path, adapter_path = _final_files(run, step, last_saved, log_file, out_dir)
     finally:
         bar.close()
         if log_file:
@@ -575,3 +453,223 @@ def train(model: nn.Module, dataset: Sequence[Mapping[str, Any]], *, config: Tra
     final = next((r["loss_kept"] for r in reversed(history) if not r["skipped"]), None)
     return TrainResult(steps=step, final_loss=final, log_path=log_path, adapter_path=adapter_path,
                        checkpoint_path=checkpoint_path, history=history, packed=packed)
+
+
+def _final_files(run: _Run, step: int, last_saved: tuple[int, Path] | None, log_file: Any,
+                 out_dir: Path | None) -> tuple[Path | None, Path | None]:
+    """The end of a run: its final checkpoint (unless the last one is of this step) and the LoRA adapter."""
+    if run.ckpt_root is None:
+        return None, None
+    checkpoint_path = last_saved[1] if last_saved and last_saved[0] == step else run.save(step, log_file)
+    adapter_path = None
+    if _is_peft(run.model):
+        adapter_path = out_dir / "adapter"
+        _save_adapter(run.model, adapter_path)
+    return checkpoint_path, adapter_path
+
+
+@dataclass
+class _Run:
+    """What `train`'s steps use: the model and data, the plan (order, step counts), optimizer and scheduler."""
+
+    model: nn.Module
+    dataset: Sequence[Mapping[str, Any]]
+    cfg: TrainConfig
+    row_ids: list[Any]
+    pad_id: int
+    packed: bool
+    use_bf16: bool
+    order: DataOrder
+    total_micro: int | None
+    total_steps: int
+    params: list[Tensor]
+    optimizer: Any
+    scheduler: Any
+    references: ReferenceSchedule
+    ckpt_root: Path | None
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Optimizer step `step` + 1: its micro-batches' selections and gradients, the update; its log record."""
+        cfg, model = self.cfg, self.model
+        device = model_device(model)
+        micro_start = step * cfg.grad_accum
+        n_micro = cfg.grad_accum if self.total_micro is None else min(cfg.grad_accum, self.total_micro - micro_start)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            reference = self.references.get(model, step)
+        tally = _StepTally(measures_norms=strategy(cfg.strategy).needs_norms or reference is not None)
+        for m in range(n_micro):
+            epoch, rows = self.order.next()
+            features = [self.dataset[i] for i in rows]
+            batch = pack(features, self.pad_id, max_tokens=cfg.max_packed_tokens) if self.packed else \
+                collate(features, self.pad_id)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16), \
+                    packed_attention(model, self.packed):
+                selection = _micro_batch_step(batch, model, cfg, _micro_seed(cfg.seed, micro_start + m), reference,
+                                              n_micro, last=m == n_micro - 1)
+            tally.add(selection, [self.row_ids[r] for r in rows])
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = _optimizer_step(self.optimizer, self.scheduler, self.params, cfg, skip=not tally.kept_ids,
+                                    step=step)
+        record = tally.record(step=step + 1, total_steps=self.total_steps, epoch=epoch, lr=lr, grad_norm=grad_norm)
+        if reference is not None:
+            record["reference_step"] = self.references.computed_at
+        return record
+
+    def save(self, at_step: int, log_file: Any) -> Path:
+        """A checkpoint of the run at `at_step` (the log flushed to disk first)."""
+        if log_file:
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        trainer_state = {**self.order.state_dict(), "step": at_step, "dataset_size": len(self.dataset),
+                         "total_steps": self.total_steps, "time": time.time()}
+        rng = {**ckpt.capture_rng(), "data_order": self.order.generator_state()}
+        return ckpt.save_checkpoint(self.ckpt_root, at_step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, rng=rng, trainer_state=trainer_state,
+                                    config=self.cfg.to_json(), keep_last=self.cfg.keep_last,
+                                    extra=self.references.state_dict())
+
+
+def _run_folder(cfg: TrainConfig, resume: bool | str | os.PathLike) -> tuple[Path | None, Path | None,
+                                                                             Path | None]:
+    """(out_dir, its checkpoints folder, its log.jsonl), after refusing to mix a new run into an old one."""
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    ckpt_root = out_dir / "checkpoints" if out_dir else None
+    log_path = out_dir / "log.jsonl" if out_dir else None
+    if resume is True and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where the checkpoints are), or pass resume=<checkpoint>")
+    has_log = log_path is not None and log_path.exists() and log_path.stat().st_size > 0
+    if out_dir and not resume and (ckpt.list_checkpoints(ckpt_root) or has_log):
+        raise ValueError(f"{out_dir} already holds a run (log.jsonl or checkpoints): pass resume=True to "
+                         "continue it, or use a new out_dir")
+    return out_dir, ckpt_root, log_path
+
+
+def _on_device(cfg: TrainConfig, model: nn.Module) -> tuple[TrainConfig, bool]:
+    """The config with the EWC state on the parameters' device (moved once, not every micro-batch), and whether
+    bf16 autocast is used (CUDA only)."""
+    device = model_device(model)
+    if cfg.ewc_coef > 0:
+        cfg = replace(cfg, **{name: {k: v.to(device=device, dtype=torch.float32)
+                                     for k, v in getattr(cfg, name).items()}
+                              for name in ("ewc_fisher", "ewc_anchor")})
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    if cfg.bf16 and not use_bf16:
+        warnings.warn("bf16=True: bf16 autocast is used on CUDA only; training in the model's dtype on "
+                      f"{device.type}", stacklevel=3)
+    return cfg, use_bf16
+
+
+def _optimizer_and_scheduler(cfg: TrainConfig, params: list[Tensor], total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and the transformers scheduler `cfg.lr_scheduler`."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler_name = cfg.lr_scheduler
+    if scheduler_name == "constant" and cfg.warmup_steps:
+        scheduler_name = "constant_with_warmup"
+    scheduler = get_scheduler(scheduler_name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def _restore(resume_from: Path, cfg: TrainConfig, dataset: Sequence[Any], model: nn.Module, optimizer: Any,
+             scheduler: Any, order: DataOrder, references: ReferenceSchedule, ckpt_root: Path | None) -> int:
+    """Load a checkpoint into the run (parameters, optimizer, scheduler, RNG, data position, references); returns
+    its step. Checkpoints of later steps in the run's folder are set aside."""
+    state = ckpt.load_checkpoint(resume_from)
+    _check_resume_config(state.config, cfg, len(dataset), state.trainer_state, resume_from)
+    ckpt.load_trainable_state(model, state.trainable, source=str(resume_from / "trainable.safetensors"))
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    ckpt.restore_rng(state.rng)
+    position = state.trainer_state
+    order.load_state(position["epoch"], position["position"], state.rng["data_order"])
+    step = state.step
+    references.load_state_dict(state.extra, model)
+    if ckpt_root is not None and resume_from.parent.resolve() == ckpt_root.resolve():
+        for moved in ckpt.set_aside_after(ckpt_root, step):
+            warnings.warn(f"checkpoint newer than the resumed step {step} set aside as {moved}", stacklevel=3)
+    logger.info("resumed from %s at step %d", resume_from, step)
+    return step
+
+
+def _micro_batch_step(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int, reference: Any,
+                      n_micro: int, last: bool) -> Selection:
+    """Select on one micro-batch and add its kept examples' gradient (scaled 1/n_micro) to `.grad`."""
+    if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
+        selection = _select_only(batch, model, cfg, seed, reference)
+        if selection.num_selected:
+            _regularized_backward(batch, model, cfg, selection.indices, 1.0 / n_micro)
+        return selection
+    return selective_backward(batch, model, **cfg.step_kwargs(), seed=seed, scale=1.0 / n_micro,
+                              sync=last,  # DDP: reduce once per step
+                              reference=reference)
+
+
+def _optimizer_step(optimizer: Any, scheduler: Any, params: list[Tensor], cfg: TrainConfig, *, skip: bool,
+                    step: int) -> float | None:
+    """Clip (if asked) and step, unless the selection kept nothing; the scheduler steps either way. Returns the
+    clipped update's global norm (None without clipping)."""
+    grad_norm = None
+    if skip:
+        logger.warning("step %d: the selection kept no example (loss band too narrow?): no update", step + 1)
+    else:
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class _StepTally:
+    """One optimizer step's selections over its micro-batches, and the step's log record."""
+
+    def __init__(self, measures_norms: bool) -> None:
+        self.measures_norms = measures_norms
+        self.kept_ids: list[Any] = []
+        self.dropped_ids: list[Any] = []
+        self.kept_losses: list[float] = []
+        self.all_losses: list[float] = []
+        self.norms: list[float] = []
+        self.scores: list[float] = []
+        self.passes: list[str] = []
+        self.in_band = 0
+        self.reference = False
+
+    def add(self, selection: Selection, ids: list[Any]) -> None:
+        mask, losses = selection.mask.tolist(), selection.losses.tolist()
+        self.in_band += int(selection.candidates.sum())
+        self.passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows with "
+                                                    "the regularizers")
+        self.kept_ids += [i for i, keep in zip(ids, mask, strict=True) if keep]
+        self.dropped_ids += [i for i, keep in zip(ids, mask, strict=True) if not keep]
+        self.kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
+        self.all_losses += losses
+        if self.measures_norms:
+            self.norms += selection.grad_norms.tolist()
+        if selection.scores is not None:
+            self.reference = True
+            self.scores += selection.scores.tolist()
+
+    def record(self, *, step: int, total_steps: int, epoch: int, lr: float, grad_norm: float | None
+               ) -> dict[str, Any]:
+        record = {"step": step, "total_steps": total_steps, "epoch": epoch, "loss_kept": mean_or_none(self.kept_losses),
+                  "loss_all": mean_or_none(self.all_losses), **_stats(self.norms), "kept": len(self.kept_ids),
+                  "batch_size": len(self.all_losses), "candidates": self.in_band,
+                  "kept_fraction": len(self.kept_ids) / len(self.all_losses), "lr": lr, "grad_norm": grad_norm,
+                  "skipped": not self.kept_ids, "kept_ids": self.kept_ids, "dropped_ids": self.dropped_ids,
+                  "pass_reasons": self.passes}
+        if self.reference:  # the reference strategies' scores (positive: judged harmful)
+            record.update(score_mean=mean_or_none(self.scores), scored_harmful=sum(1 for v in self.scores if v > 0))
+        return record
+
+
+def _show(bar: Any, record: dict[str, Any], log_every: int) -> None:
+    """Progress bar and log line, every `log_every` steps and at the last."""
+    bar.update(1)
+    step, total = record["step"], record["total_steps"]
+    if step % log_every == 0 or step == total:
+        shown = {"loss": record["loss_kept"], "kept": record["kept_fraction"], "med": record["norm_median"]}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
+        logger.info("step %d/%d loss %s kept %.3f", step, total, record["loss_kept"], record["kept_fraction"])

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from fastsel.engine.targets import Target
-from fastsel.selection.rules import NORM_STRATEGIES, candidate_mask, needs_measurement
+from fastsel.selection.rules import candidate_mask, needs_measurement
+from fastsel.selection.strategies import strategy
 from fastsel.training import distributed
 from fastsel.utils import format_bytes
 
@@ -94,7 +95,8 @@ class PassPlan:
     def keep_rows(self, losses: Tensor) -> Tensor | None:
         all_losses, offset = distributed.gather_rows(losses)
         all_losses = all_losses.detach().float().cpu()
-        if self.strategy in NORM_STRATEGIES and bool(torch.isfinite(all_losses).all()):
+        band_rule = strategy(self.strategy).uses_loss_band and strategy(self.strategy).needs_norms
+        if band_rule and bool(torch.isfinite(all_losses).all()):
             candidates = candidate_mask(all_losses, self.loss_band)
         else:  # the reference strategies use no loss band; none on non-finite losses (refused after the backward)
             candidates = torch.ones(all_losses.numel(), dtype=torch.bool)
@@ -102,7 +104,7 @@ class PassPlan:
         budget, source = self.budget()
         per_rank = distributed.gather_ints([local.numel() * self.row_bytes, budget])  # the same on every rank
         fits = all(needed <= allowed for needed, allowed in per_rank)
-        band = "in the loss band" if self.strategy in NORM_STRATEGIES else f"selectable ({self.strategy}: no loss band)"
+        band = "in the loss band" if band_rule else f"selectable ({self.strategy}: no loss band)"
         what = f"{int(candidates.sum())} of {all_losses.numel()} row(s) {band}"
         if len(per_rank) == 1:
             what += f": {format_bytes(per_rank[0][0])} of per-example gradients, budget {format_bytes(budget)}"

@@ -20,49 +20,12 @@ from fastsel.engine.alignment import reference_gradient
 from fastsel.engine.model_io import model_device
 from fastsel.engine.references import References, prepare_references
 from fastsel.engine.targets import find_targets
-from fastsel.selection.rules import (
-    REFERENCE_STRATEGIES,
-    check_budget,
-    check_reference_option,
-    needs_reference,
-)
-from fastsel.training.options import check_number
+from fastsel.selection import strategies
+from fastsel.selection.rules import needs_reference
+from fastsel.training.options import check_reference_options
 from fastsel.utils import eval_mode
 
 _STEP_KEY = "__reference_step__"
-
-
-def _count(reference: Any) -> int:
-    return 1 if isinstance(reference, (Mapping, References)) else len(reference)
-
-
-def check_reference_options(strategy: str, reference: Any = None, reference_batches: Any = None,
-                            reference_every: Any = 0, gradshield_budget: Any = 0.0) -> None:
-    """Reject bad reference options of a training entry point (before anything runs), naming the option."""
-    if reference is not None and reference_batches is not None:
-        raise ValueError("pass reference= (fixed gradients) or reference_batches= (recomputed), not both")
-    given = reference if reference is not None else reference_batches
-    what = "reference_batches" if reference_batches is not None else \
-        "reference" if reference is not None else "reference= or reference_batches"
-    check_reference_option(strategy, given, what)
-    check_budget(gradshield_budget)
-    check_number("reference_every", reference_every, low=0, inclusive=True, integer=True)
-    if reference_every and reference_batches is None:
-        raise ValueError("reference_every > 0 recomputes the reference from reference_batches=, which is not set")
-    if reference_batches is not None:
-        if isinstance(reference_batches, Mapping) or not isinstance(reference_batches, Sequence):
-            raise ValueError("reference_batches must be a list with one entry per reference (a batch dict or a "
-                             f"list of batch dicts), got {type(reference_batches).__name__}")
-        for i, entry in enumerate(reference_batches):
-            parts = [entry] if isinstance(entry, Mapping) else entry
-            if not isinstance(parts, Sequence) or not parts or not all(isinstance(p, Mapping) for p in parts):
-                raise ValueError(f"reference_batches[{i}] must be a batch dict or a non-empty list of batch dicts")
-    if given is not None:
-        lo, hi, _ = REFERENCE_STRATEGIES[strategy]
-        count = _count(given)
-        if not lo <= count <= hi:
-            raise ValueError(f"strategy {strategy!r} takes {lo if lo == hi else f'{lo} or {hi}'} reference(s), "
-                             f"got {count}")
 
 
 class ReferenceSchedule:
@@ -92,7 +55,7 @@ class ReferenceSchedule:
             return self.current
         due = self.computed_at is None or (self.every > 0 and step % self.every == 0 and step != self.computed_at)
         if due:
-            normalize = REFERENCE_STRATEGIES[self.strategy][2]
+            normalize = strategies.strategy(self.strategy).normalized_anchors
             with eval_mode(model):
                 grads = [reference_gradient(entry, model, normalize=normalize) for entry in self.batches]
             self.current = prepare_references(grads[0] if len(grads) == 1 else grads, targets, model_device(model))

@@ -51,12 +51,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsel.engine.batch import check_batch, take_examples
 from fastsel.engine.losses import check_finite
-from fastsel.engine.model_io import forward_losses, model_device, prepare_for
-from fastsel.engine.norms import backward_keeping_grads, norm_pass
+from fastsel.engine.model_io import forward_losses, in_layout, model_device, prepare_for
+from fastsel.engine.norms import NormPass, backward_keeping_grads, norm_pass
 from fastsel.engine.packed_attention import packed_attention
 from fastsel.engine.references import ReferenceLike, prepare_references
 from fastsel.engine.sharded import ForwardLeaves, is_sharded
 from fastsel.engine.targets import Target, find_targets
+from fastsel.selection import strategies
 from fastsel.selection.rules import (
     GradShieldRule,
     Selection,
@@ -65,7 +66,9 @@ from fastsel.selection.rules import (
     needs_measurement,
     select_indices,
 )
+from fastsel.selection.strategies import DEFAULT
 from fastsel.training import distributed, fsdp
+from fastsel.training.distributed import UnreducedGradientError
 from fastsel.training.memory import PassPlan, row_bytes
 from fastsel.training.options import check_step_options
 
@@ -73,10 +76,6 @@ from fastsel.training.options import check_step_options
 # the optimizer step pre-hook refusing to step them (registered only while this is non-empty).
 _DEFERRED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _GUARD: RemovableHandle | None = None
-
-
-class UnreducedGradientError(RuntimeError):
-    """An optimizer step over gradients that `selective_backward(sync=False)` left unreduced across ranks."""
 
 
 @dataclass
@@ -253,7 +252,7 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
 
 
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
-                       strategy: str = "moderate", loss_band: float | None = 1.0, single_pass: bool | str = "auto",
+                       strategy: str = DEFAULT, loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
                        memory_budget_bytes: int | None = None, sync: bool = True,
                        token_stats: bool = False, reference: ReferenceLike | None = None,
@@ -305,61 +304,97 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     if sharded:
         fsdp.check_sharded_targets(targets)
     references = None if reference is None else prepare_references(reference, targets, model_device(model))
-    prepared = prepare_for(model, batch)
-    needs_norms = needs_measurement(strategy)
+    prepared = in_layout(model, prepare_for(model, batch))  # on a CPU a padded batch runs packed (model_io)
     plan = PassPlan(single_pass, strategy, loss_band, memory_budget_bytes, row_bytes(targets), model_device(model))
-
     with no_sync, packed_attention(model, prepared["segments"].packed):
-        stats: dict[str, Tensor] = {}
-        if needs_norms:
-            measured = norm_pass(prepared, model, backend=backend, targets=targets,
-                                 keep_rows=plan.keep_rows if plan.may_single else None, token_stats=token_stats,
-                                 reference=references)
-            losses, norms, stats = measured.losses, measured.norms, measured.token_stats
-        else:
-            with ForwardLeaves(model, targets) as recorded:
-                live_losses, stats = forward_losses(model, prepared, token_stats=token_stats)
-            losses, norms = live_losses.detach(), torch.zeros_like(live_losses.detach())
-        if not plan.may_single:
-            plan.settle_without_norm_pass()
-        all_losses, offset = distributed.gather_rows(losses)
-        all_norms, _ = distributed.gather_rows(norms)
-        if not needs_norms:  # the norm pass checked its losses; here nothing must reach .grad (every rank raises)
-            check_finite(all_losses, "loss")
-        all_dots = None
-        if references is not None:  # [B] or [B, K]: gathered column by column
-            dots = measured.dots
-            columns = [distributed.gather_rows(c)[0] for c in (dots[:, None] if dots.dim() == 1 else dots).T]
-            all_dots = torch.stack(columns, dim=1) if dots.dim() == 2 else columns[0]
-        selection = select_indices(all_losses, all_norms, ratio=ratio, strategy=strategy, loss_band=loss_band,
-                                   seed=distributed.shared_seed(seed) if strategy == "random" else seed,
-                                   dots=all_dots, gradshield_budget=gradshield_budget,
-                                   gradshield_rule=gradshield_rule)
-        local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + losses.numel())]
-        local = local - offset
-        selection.local_indices = local
+        measured = _measure(prepared, model, targets, strategy, plan, backend, token_stats, references)
+        selection, local = _select_globally(measured, ratio=ratio, strategy=strategy, loss_band=loss_band,
+                                            seed=seed, gradshield_budget=gradshield_budget,
+                                            gradshield_rule=gradshield_rule)
         selection.single_pass, selection.pass_reason = plan.single, plan.reason
         if token_stats:
             lengths = torch.tensor(prepared["segments"].lengths, dtype=torch.float32)
-            selection.token_stats = {**{k: v.detach().cpu() for k, v in stats.items()}, "length": lengths}
-        kept = selection.num_selected
-        if kept == 0:  # nothing to add; a sync=True call still averages what earlier sync=False calls deferred
-            summed = [None] * len(targets)
-        elif not needs_norms:
-            summed = backward_keeping_grads(live_losses[local.to(live_losses.device)].sum(), model,
-                                            [t.param for t in targets], recorded)
-        elif plan.single:
-            rows = _kept_positions(measured.grad_rows, local.to(measured.losses.device))
-            summed = [measured.per_example_grads[t.name][rows].sum(dim=0) for t in targets]
-        elif local.numel() or sharded:  # FSDP2: every rank takes part in the second pass
-            summed = _subset_grads(prepared, model, targets, local)
-        else:
-            summed = [None] * len(targets)
+            selection.token_stats = {**{k: v.detach().cpu() for k, v in measured.stats.items()}, "length": lengths}
+        summed = _summed_grads(measured, prepared, model, targets, local, plan, sharded, selection.num_selected)
     if sharded:
-        fsdp.apply_sharded(targets, summed, kept, scale, sync)
+        fsdp.apply_sharded(targets, summed, selection.num_selected, scale, sync)
     else:
-        _apply(targets, summed, kept, scale, sync)
+        _apply(targets, summed, selection.num_selected, scale, sync)
     return selection
+
+
+@dataclass
+class _Measured:
+    """This rank's measurements for the selection: losses, norms (zeros for the norm-free strategies), token
+    statistics, dots; the norm pass (norm strategies) or the live losses and recorded leaves (the others)."""
+
+    losses: Tensor
+    norms: Tensor
+    stats: dict[str, Tensor]
+    dots: Tensor | None = None
+    norm_pass: NormPass | None = None
+    live_losses: Tensor | None = None
+    recorded: ForwardLeaves | None = None
+
+
+def _measure(prepared: Mapping[str, Any], model: nn.Module, targets: list[Target], strategy: str, plan: PassPlan,
+             backend: str, token_stats: bool, references: Any) -> _Measured:
+    """The norm pass (norms, dots, kept per-example gradients as `plan` decides), or for the strategies that need
+    no norms one forward whose losses stay live for the kept examples' backward."""
+    if needs_measurement(strategy):
+        measured = norm_pass(prepared, model, backend=backend, targets=targets,
+                             keep_rows=plan.keep_rows if plan.may_single else None, token_stats=token_stats,
+                             reference=references)
+        out = _Measured(measured.losses, measured.norms, measured.token_stats, measured.dots, norm_pass=measured)
+    else:
+        with ForwardLeaves(model, targets) as recorded:
+            live_losses, stats = forward_losses(model, prepared, token_stats=token_stats)
+        losses = live_losses.detach()
+        out = _Measured(losses, torch.zeros_like(losses), stats, live_losses=live_losses, recorded=recorded)
+    if not plan.may_single:
+        plan.settle_without_norm_pass()
+    return out
+
+
+def _select_globally(measured: _Measured, *, ratio: float, strategy: str, loss_band: float | None,
+                     seed: int | None, gradshield_budget: float, gradshield_rule: GradShieldRule | None
+                     ) -> tuple[Selection, Tensor]:
+    """Algorithm 1 over every rank's examples (gathered); returns the Selection and this rank's kept rows."""
+    all_losses, offset = distributed.gather_rows(measured.losses)
+    all_norms, _ = distributed.gather_rows(measured.norms)
+    if measured.norm_pass is None:  # the norm pass checked its losses; here nothing must reach .grad (every rank)
+        check_finite(all_losses, "loss")
+    all_dots = None
+    if measured.dots is not None:  # [B] or [B, K]: gathered column by column
+        dots = measured.dots
+        columns = [distributed.gather_rows(c)[0] for c in (dots[:, None] if dots.dim() == 1 else dots).T]
+        all_dots = torch.stack(columns, dim=1) if dots.dim() == 2 else columns[0]
+    selection = select_indices(all_losses, all_norms, ratio=ratio, strategy=strategy, loss_band=loss_band,
+                               seed=distributed.shared_seed(seed) if strategies.strategy(strategy).draws else seed,
+                               dots=all_dots, gradshield_budget=gradshield_budget, gradshield_rule=gradshield_rule)
+    count = measured.losses.numel()
+    local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + count)] - offset
+    selection.local_indices = local
+    return selection, local
+
+
+def _summed_grads(measured: _Measured, prepared: Mapping[str, Any], model: nn.Module, targets: list[Target],
+                  local: Tensor, plan: PassPlan, sharded: bool, kept: int) -> list[Tensor | None]:
+    """This rank's summed gradient of its kept examples' losses: from the live losses (norm-free strategies), the
+    norm pass's kept per-example gradients (single pass), or a second pass over the kept examples."""
+    if kept == 0:  # nothing to add; a sync=True call still averages what earlier sync=False calls deferred
+        return [None] * len(targets)
+    if measured.norm_pass is None:
+        live = measured.live_losses
+        return backward_keeping_grads(live[local.to(live.device)].sum(), model, [t.param for t in targets],
+                                      measured.recorded)
+    if plan.single:
+        pass_ = measured.norm_pass
+        rows = _kept_positions(pass_.grad_rows, local.to(pass_.losses.device))
+        return [pass_.per_example_grads[t.name][rows].sum(dim=0) for t in targets]
+    if local.numel() or sharded:  # FSDP2: every rank takes part in the second pass
+        return _subset_grads(prepared, model, targets, local)
+    return [None] * len(targets)
 
 
 def _kept_positions(grad_rows: Tensor | None, local: Tensor) -> Tensor:

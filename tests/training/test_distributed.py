@@ -188,7 +188,7 @@ def test_selective_trainer_accumulation_under_ddp(ddp_dir: Path) -> None:
     ranks = [load(ddp_dir, "trainer_accum", r) for r in (0, 1)]
     log = ranks[0]["log"]
     assert log == ranks[1]["log"]
-    assert [(e["step"], e["micro_step"]) for e in log] == [(0, m) for m in range(worker.ACCUM_STEPS)]
+    assert [(e["step"], e["micro_step"]) for e in log] == [(1, m) for m in range(worker.ACCUM_STEPS)]  # step 1: numbered as log_history
     for res in ranks:
         assert res["reduced_at"] == [worker.ACCUM_STEPS - 1]
     for entry in log:

@@ -65,7 +65,8 @@ def test_loop_logs_ids_and_saves(strategy: str, tmp_path) -> None:
         candidates = {rows[i]["id"] for i in order[(step - 1) * 8:step * 8]}
         kept, dropped = record["kept_ids"], record["dropped_ids"]
         assert set(kept) | set(dropped) == candidates and not set(kept) & set(dropped)
-        assert record["candidates"] == 8 and record["kept"] == len(kept)
+        assert record["batch_size"] == 8 and record["kept"] == len(kept)
+        assert record["kept"] <= record["candidates"] <= 8  # the loss band's rows (strategy 'full': all)
         assert record["kept_fraction"] == len(kept) / 8
         if strategy == "full":
             assert len(kept) == 8
@@ -198,7 +199,7 @@ def test_epochs_scheduler_accumulation_and_datasets_input(tmp_path) -> None:
     result = train(lora(tiny_model()), ds, config=cfg, out_dir=str(tmp_path))
     # micro-batches of 4, 4, 2 rows per epoch, 9 in all, 2 per step: 5 steps, the last with one micro-batch
     assert result.steps == 5
-    assert [r["candidates"] for r in result.history] == [8, 6, 6, 8, 2]
+    assert [r["batch_size"] for r in result.history] == [8, 6, 6, 8, 2]
     assert [r["epoch"] for r in result.history] == [0, 1, 1, 2, 2]
     assert [(r["step"], r["total_steps"]) for r in result.history] == [(s, 5) for s in range(1, 6)]
     assert result.history[0]["lr"] == 0.0 and result.history[1]["lr"] == pytest.approx(1e-3)
@@ -315,3 +316,11 @@ def test_non_finite_loss_stops_training_with_the_examples_named(strategy: str, e
         train(model, rows, strategy=strategy, batch_size=8, ratio=0.5, progress=False, **extra)
     after = trainable(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"strategy": "moderat"}, "strategy"), ({"ratio": 0}, "ratio"),
+                                               ({"batch_size": 0}, "batch_size")])
+def test_train_config_is_checked_at_construction(kwargs: dict, match: str) -> None:
+    """As SelectionConfig: a bad option fails where it is written, not later inside train()."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from fastsel.utils import mean_or_none
+
 Matrix = Sequence[Sequence[float]]
 
 
@@ -23,8 +25,9 @@ def _check(R: Matrix) -> list[list[float]]:
 
 
 def _mean(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
+    """mean_or_none, NaN where no value is measured (the metrics' convention)."""
+    mean = mean_or_none(values)
+    return math.nan if mean is None else mean
 
 
 def average_performance(R: Matrix) -> float:
