@@ -56,11 +56,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, Any]
     if args.model == "tiny":
         return add_lora(tiny_model(args.seed), r=args.rank, seed=args.seed), byte_rows(args.max_length), 256
 
-    model, tokenizer = load_model(args.model)
-    if getattr(model, "hf_quantizer", None) is not None and args.model == "smollm2":
-        # the embedded GGUF is de-quantized to plain fp32 weights at load; only the marker would make Trainer refuse
-        model.hf_quantizer = None
-        model.is_quantized = False
+    model, tokenizer = load_model(args.model)  # the embedded GGUF model loads trainable (plain fp32 weights)
     model = add_lora(model, r=args.rank, seed=args.seed)
     features = tokenize_examples(load_task("dolly", split="train"), tokenizer, args.max_length)
     return model, [dict(f) for f in features], int(tokenizer.pad_token_id)
@@ -103,7 +99,7 @@ def main(argv: list[str] | None = None) -> SelectiveTrainer:
 
     for entry in trainer.fastsel_log:
         print(f"step {entry['step']} micro {entry['micro_step']}: kept {entry['kept_ids']} "
-              f"(k={entry['k']} of {entry['batch_size']}, kept loss {entry['kept_loss']:.3f})")
+              f"(k={entry['k']} of {entry['batch_size']}, kept loss {entry['loss_kept']:.3f})")
     print(f"selection log: {training_args.output_dir}/fastsel_selection.jsonl")
     return trainer
 

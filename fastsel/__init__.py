@@ -37,7 +37,14 @@ _LAZY = {
 __all__ = ["backends", "__version__", *_LAZY]
 
 
+_SUBMODULES = ("hf",)  # `fastsel.hf` works after `import fastsel`, imported on first use
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastsel.{name}")
     if name in _LAZY:
         import importlib
 

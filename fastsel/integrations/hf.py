@@ -74,9 +74,12 @@ from torch import Tensor, nn
 from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
 from fastsel.selection.rules import Selection
 from fastsel.training import distributed
-from fastsel.training.options import check_step_options
-from fastsel.training.reference_schedule import ReferenceSchedule, check_reference_options
+from fastsel.training.options import SelectionOptions, is_int
+from fastsel.training.reference_schedule import ReferenceSchedule
 from fastsel.training.selective import selective_backward
+from fastsel.utils import atomic_write_text
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 __all__ = ["SelectionConfig", "SelectionTrainerMixin", "SelectiveTrainer", "make_selective", "to_fastsel_batch",
            "IdKeepingCollator", "PackedBatchError"]
@@ -99,8 +102,9 @@ T = TypeVar("T", bound=type)
 
 
 @dataclass
-class SelectionConfig:
-    """Options of the selection done in `SelectiveTrainer.training_step` (see `fastsel.selective_backward`).
+class SelectionConfig(SelectionOptions):
+    """Options of the selection done in `SelectiveTrainer.training_step`: the selection options shared with
+    `fastsel.TrainConfig` (`SelectionOptions`, see `fastsel.selective_backward`) and the Trainer's own.
 
     `seed` (strategy 'random'): None draws from torch's generator (seeded by the Trainer's `args.seed`); an int gives
     micro-step t the seed `seed + t`, so a resumed run draws the same subsets. `id_column`: dataset column holding
@@ -112,27 +116,15 @@ class SelectionConfig:
     step); `gradshield_budget` as in `fastsel.selection.rules`.
     """
 
-    ratio: float = 0.2
-    strategy: str = "moderate"
-    loss_band: float | None = 1.0
-    single_pass: bool | str = "auto"
     seed: int | None = None
-    backend: str = "auto"
-    memory_budget_bytes: int | None = None  # None: adaptive (fastsel.training.memory)
     id_column: str | None = "id"
     log_file: str | None = "fastsel_selection.jsonl"
     log_measurements: bool = False
-    reference: Any = None
-    reference_batches: list[Any] | None = None
-    reference_every: int = 0
-    gradshield_budget: float = 0.0
 
     def __post_init__(self) -> None:
-        check_step_options(ratio=self.ratio, strategy=self.strategy, loss_band=self.loss_band,
-                           single_pass=self.single_pass, backend=self.backend,
-                           memory_budget_bytes=self.memory_budget_bytes, seed=self.seed)
-        check_reference_options(self.strategy, self.reference, self.reference_batches, self.reference_every,
-                                self.gradshield_budget)
+        super().__post_init__()
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         for name in ("id_column", "log_file"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -225,10 +217,14 @@ class SelectionTrainerMixin:
         self.fastsel_config = fastsel_config
         self.fastsel_log = []
         self._fastsel_window: tuple[int, int] = (-1, 0)  # (global step, micro-steps seen in it)
+        self._fastsel_log_cut = False  # the log was cut back to this run's starting step
+        self._fastsel_losses_all: list[float] = []  # every candidate's loss since the last logged step
         self._fastsel_references = ReferenceSchedule(fastsel_config.strategy, fastsel_config.reference,
                                                      fastsel_config.reference_batches, fastsel_config.reference_every)
+        given = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)  # as the user passed it
         super().__init__(*args, **kwargs)
         self._fastsel_check_setup()
+        self._fastsel_check_id_column(given)
         if fastsel_config.id_column is not None and self.data_collator is not None \
                 and not isinstance(self.data_collator, IdKeepingCollator):
             self.data_collator = IdKeepingCollator(self.data_collator, fastsel_config.id_column)
@@ -263,6 +259,23 @@ class SelectionTrainerMixin:
         if owner is not None and not owner.__module__.startswith(("transformers.", "trl.")):
             warnings.warn(f"{owner.__name__}.compute_loss is overridden but is not used for training: fastsel's "
                           "training_step computes per-example causal-LM losses itself", stacklevel=3)
+
+    def _fastsel_check_id_column(self, given: Any) -> None:
+        """A configured id column must exist in the training data (else every logged id would be None); one the
+        Trainer itself took out (TRL's BFD packing merges examples) is said once."""
+        column = self.fastsel_config.id_column
+        if column is None:
+            logger.warning("fastsel: id_column=None: the selection log records batch positions, not example ids")
+            return
+        present = getattr(given, "column_names", None)
+        if isinstance(present, list) and column not in present:
+            raise ValueError(f"SelectionConfig(id_column={column!r}): the training dataset has no column {column!r} "
+                             f"(its columns: {', '.join(present)}); name the id column, or pass id_column=None "
+                             "to log batch positions instead of ids")
+        prepared = getattr(self.train_dataset, "column_names", None)
+        if isinstance(prepared, list) and column not in prepared:
+            logger.warning(f"fastsel: the trainer's dataset preparation removed the id column {column!r} (e.g. "
+                           "TRL's BFD packing, which merges examples): ids are not tracked")
 
     def _fastsel_check_step(self) -> None:
         config = getattr(self.accelerator, "parallelism_config", None)
@@ -330,11 +343,8 @@ class SelectionTrainerMixin:
                 local = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
                 reference = self._fastsel_references.get(local, int(self.state.global_step))
                 try:
-                    selection = selective_backward(
-                        batch, model, ratio=cfg.ratio, strategy=cfg.strategy, loss_band=cfg.loss_band,
-                        single_pass=cfg.single_pass, seed=seed, scale=scale, backend=cfg.backend,
-                        memory_budget_bytes=cfg.memory_budget_bytes, sync=sync, token_stats=trl_metrics,
-                        reference=reference, gradshield_budget=cfg.gradshield_budget)
+                    selection = selective_backward(batch, model, **cfg.step_kwargs(), seed=seed, scale=scale,
+                                                   sync=sync, token_stats=trl_metrics, reference=reference)
                 except TypeError as e:
                     if "must return logits" not in str(e):
                         raise
@@ -347,6 +357,7 @@ class SelectionTrainerMixin:
             if empty_every is not None and self.state.global_step % empty_every == 0 and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         kept_loss = float(selection.losses[selection.indices].mean()) if selection.num_selected else 0.0
+        self._fastsel_losses_all += selection.losses.tolist()
         if trl_metrics:
             self._log_trl_metrics(selection)
         self._record(selection, _gather_ids(ids), info, micro, kept_loss)
@@ -364,24 +375,62 @@ class SelectionTrainerMixin:
         self._total_train_tokens += int(tokens) // getattr(self, "_tp_size", 1)
         metrics["num_tokens"] = [self._total_train_tokens]
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's logging, plus `loss_all`: the mean loss over every example of the micro-batches
+        since the last log (the logged `loss` is the kept examples' mean: not comparable with plain training)."""
+        if "loss" in logs and self._fastsel_losses_all:
+            losses = self._fastsel_losses_all
+            logs["loss_all"] = round(sum(losses) / len(losses), 4)
+            self._fastsel_losses_all = []
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def _fastsel_log_path(self) -> str | None:
+        if self.fastsel_config.log_file is None:
+            return None
+        return os.path.join(self.args.output_dir, self.fastsel_config.log_file)
+
+    def _fastsel_cut_log(self) -> None:
+        """Once per run: keep the selection records of the steps before this run's first (a resumed run continues
+        the file as `train`'s log does; a fresh run in the same folder starts it anew)."""
+        self._fastsel_log_cut = True
+        start = int(self.state.global_step)
+        self.fastsel_log = [e for e in self.fastsel_log if e["step"] <= start]
+        path = self._fastsel_log_path()
+        if path is None or not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        kept = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", math.inf) <= start:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:  # a line torn by a crash
+                    continue
+        atomic_write_text(path, "".join(kept))
+
     def _record(self, selection: Selection, ids: list[Any] | None, info: dict[str, Any], micro: int,
                 kept_loss: float) -> None:
-        """Append this micro-step's selection to `fastsel_log` (and the JSONL file on process 0)."""
+        """Append this micro-step's selection to `fastsel_log` (and the JSONL file on process 0). `step` is the
+        optimizer step the micro-batch belongs to, numbered from 1 as the Trainer's `log_history` numbers it."""
+        if not self._fastsel_log_cut:
+            self._fastsel_cut_log()
         kept = selection.indices.tolist()
         mask = selection.mask.tolist()
         if ids is not None and len(ids) != len(mask):
             ids = None  # a rank without ids or a collator that changed the example count
         entry: dict[str, Any] = {
-            "step": int(self.state.global_step),
+            "step": int(self.state.global_step) + 1,
             "micro_step": micro,
             "batch_size": len(mask),
+            "candidates": int(selection.candidates.sum()),
             "k": selection.k,
             "kept_positions": kept,
             "ids": ids,
             "kept_ids": [ids[i] for i in kept] if ids is not None else None,
             "dropped_ids": [i for i, m in zip(ids, mask, strict=True) if not m] if ids is not None else None,
-            "kept_loss": kept_loss,
-            "median_grad_norm": _finite(selection.median),
+            "loss_kept": kept_loss,
+            "loss_all": float(selection.losses.mean()),
+            "norm_median": _finite(selection.median),
             "single_pass": selection.single_pass,
             "pass_reason": selection.pass_reason,
             "packed": info["packed"],
@@ -395,11 +444,11 @@ class SelectionTrainerMixin:
                 entry["scores"] = selection.scores.tolist()
             entry["losses"] = selection.losses.tolist()
             entry["grad_norms"] = selection.grad_norms.tolist()
-            entry["candidates"] = selection.candidates.tolist()
+            entry["in_loss_band"] = selection.candidates.tolist()
         self.fastsel_log.append(entry)
-        if self.fastsel_config.log_file is not None and self.is_world_process_zero():
+        path = self._fastsel_log_path()
+        if path is not None and self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
-            path = os.path.join(self.args.output_dir, self.fastsel_config.log_file)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry, default=str) + "\n")
 

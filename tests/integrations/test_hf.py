@@ -97,7 +97,8 @@ def test_trainer_trains_and_logs_ids(tmp_path) -> None:
     trainer.train()
 
     log = trainer.fastsel_log
-    assert [(e["step"], e["micro_step"]) for e in log] == [(0, 0), (1, 0), (2, 0)]
+    assert [(e["step"], e["micro_step"]) for e in log] == [(1, 0), (2, 0), (3, 0)]  # numbered as log_history
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [e["step"] for e in log]
     all_ids = {r["id"] for r in rows}
     for e in log:
         assert e["batch_size"] == 8 and e["k"] == 2 and len(e["kept_ids"]) == 2 and not e["packed"]
@@ -107,9 +108,61 @@ def test_trainer_trains_and_logs_ids(tmp_path) -> None:
     lines = (tmp_path / "fastsel_selection.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == json.loads(json.dumps(log))
     # the logged training loss is the kept examples' mean loss
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(log[0]["kept_loss"], rel=1e-4)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(log[0]["loss_kept"], rel=1e-4)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert any(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+
+
+def test_fastsel_hf_is_reachable_after_import_fastsel() -> None:
+    """`fastsel.hf.make_selective(...)` after a bare `import fastsel` (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import fastsel; print(fastsel.hf.make_selective.__name__, fastsel.hf.SelectionConfig().ratio)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["make_selective", "0.2"]
+
+
+def test_a_missing_id_column_is_named_and_no_id_column_is_said_once(tmp_path, caplog) -> None:
+    rows = token_rows(8)
+    with pytest.raises(ValueError, match=r"no column 'uid' \(its columns: id, input_ids, labels, source\)"):
+        SelectiveTrainer(model=new_model(), args=training_args(tmp_path), train_dataset=Dataset.from_list(rows),
+                         data_collator=pad_collator, fastsel_config=SelectionConfig(id_column="uid"))
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fastsel.integrations.hf"):
+        trainer = SelectiveTrainer(model=new_model(), args=training_args(tmp_path, max_steps=2),
+                                   train_dataset=Dataset.from_list(rows), data_collator=pad_collator,
+                                   fastsel_config=SelectionConfig(id_column=None, ratio=0.5))
+        trainer.train()
+    said = [r for r in caplog.records if "id_column=None" in r.getMessage()]
+    assert len(said) == 1 and "positions, not example ids" in said[0].getMessage()
+    assert all(e["ids"] is None for e in trainer.fastsel_log)
+
+
+def test_resume_keeps_each_step_once_and_logs_the_loss_of_all_candidates(tmp_path) -> None:
+    """Resumed from checkpoint-2 of a 4-step run: the selection log holds steps 1-4 once each (cut back to the
+    checkpoint's step, as `train`'s log is), numbered as log_history; `loss` is the kept examples' mean and
+    `loss_all` the mean over every example."""
+    rows = token_rows(32)
+    args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, seed=3)
+    first = SelectiveTrainer(model=new_model(), args=args, train_dataset=Dataset.from_list(rows),
+                             data_collator=pad_collator, fastsel_config=SelectionConfig(ratio=0.25))
+    first.train()
+    path = tmp_path / "fastsel_selection.jsonl"
+    straight = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["step"] for e in straight] == [1, 2, 3, 4]
+    history = [h for h in first.state.log_history if "loss" in h]
+    for h, e in zip(history, straight, strict=True):
+        assert h["loss"] == pytest.approx(e["loss_kept"], rel=1e-4)
+        assert h["loss_all"] == pytest.approx(e["loss_all"], abs=1e-4)
+    resumed = SelectiveTrainer(model=new_model(), args=args, train_dataset=Dataset.from_list(rows),
+                               data_collator=pad_collator, fastsel_config=SelectionConfig(ratio=0.25))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["step"] for e in again] == [1, 2, 3, 4]
+    assert again[:2] == straight[:2] and [e["ids"] for e in again[2:]] == [e["ids"] for e in straight[2:]]
 
 
 @pytest.mark.parametrize("single_pass, checkpointing", [("auto", False), (False, True)])
@@ -197,7 +250,7 @@ def test_gradient_accumulation_two_micro_batches(tmp_path, monkeypatch) -> None:
                                fastsel_config=SelectionConfig(ratio=0.5), callbacks=[capture])
     trainer.train()
     log = trainer.fastsel_log
-    assert [(e["step"], e["micro_step"]) for e in log] == [(0, 0), (0, 1)]
+    assert [(e["step"], e["micro_step"]) for e in log] == [(1, 0), (1, 1)]  # the optimizer step they belong to, from 1
     assert syncs == [False, True]
 
     params = trainable(ref)
@@ -213,7 +266,7 @@ def test_gradient_accumulation_two_micro_batches(tmp_path, monkeypatch) -> None:
         fastsel.selective_backward(batch_of(rows, e["ids"]), ref, ratio=0.5, scale=0.5)
     for name, p in params.items():
         assert rel(capture.grads[0][name], p.grad) <= 1e-5, name
-    assert trainer.state.log_history[0]["loss"] == pytest.approx((log[0]["kept_loss"] + log[1]["kept_loss"]) / 2,
+    assert trainer.state.log_history[0]["loss"] == pytest.approx((log[0]["loss_kept"] + log[1]["loss_kept"]) / 2,
                                                                  rel=1e-4)
 
 
@@ -227,12 +280,12 @@ def test_random_strategy_seed_per_micro_step(tmp_path) -> None:
     trainer.train()
     assert len(trainer.fastsel_log) == 4
     for t, e in enumerate(trainer.fastsel_log):
-        assert (e["step"], e["micro_step"]) == divmod(t, 2)
+        assert (e["step"] - 1, e["micro_step"]) == divmod(t, 2)  # steps numbered from 1, as log_history
         losses = torch.tensor(e["losses"])
         expected = fastsel.select_indices(losses, torch.zeros_like(losses), ratio=0.5, strategy="random",
                                           loss_band=None, seed=7 + t)
         assert expected.indices.tolist() == e["kept_positions"]
-        assert len(e["grad_norms"]) == len(e["candidates"]) == 4
+        assert len(e["grad_norms"]) == len(e["in_loss_band"]) == 4
 
 
 def test_packed_batches_train_like_padded_ones(tmp_path) -> None:
