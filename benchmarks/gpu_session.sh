@@ -9,27 +9,30 @@
 # 15 s later), each writing to $OUT as soon as it ends, so a slow step costs only its own budget. Budgets (s):
 #
 #   step            budget  what                                                                writes
-#   setup             80    pip install (no index, no deps; builds fastsel._C), GPU and versions  setup.log, device.txt
-#   selftest          40    the kernels' first-use self-test, every family, fp32/bf16/fp16       selftest.json
-#   tests            130    the GPU test subset, kernels compiled for real: tests/kernels (the    tests-*.xml, tests.log
+#   setup             60    pip install (no index, no deps; builds fastsel._C; the carried .whl/  setup.log, device.txt
+#                           wheels), GPU and versions
+#   selftest          30    the kernels' first-use self-test, every family, fp32/bf16/fp16       selftest.json
+#   tests             70    the GPU test subset, kernels compiled for real: tests/kernels (the    tests-*.xml, tests.log
 #                           `gpu`-marked bf16/fp16 ones included; norm and dot kernels), triton
 #                           end-to-end == naive (padded, packed, dots), the no-host-sync test,
 #                           self-test, selective_backward; 3 pytest at once
-#   headline-fp32     75    SmolLM2's architecture (random weights) B=32 T=512 fp32: plain,      headline-fp32/*.json
+#   headline-fp32    100    SmolLM2's architecture (random weights) B=32 T=512 fp32: plain,      headline-fp32/*.json
 #                           fastsel torch, fastsel triton, naive (all 32 rows); Moderate-G vs
-#                           full epoch (4 steps), single vs two pass: the JSON's `ratios` object
-#   headline-bf16     40    the same in bf16, without the training epochs                        headline-bf16/*.json
-#   7b-layers         35    2 layers of a 7B-shaped Llama, B=32 T=512 bf16 (naive on 2 rows)     7b-layers/*.json
-#   packed            30    SmolLM2 fp32, 32 shipped instruction examples at natural lengths       packed/*.json
-#                           (T <= 512): padded vs packed plain step and fastsel norm pass (torch,
-#                           triton), naive; the JSON's packed ratios
+#                           full epoch (2 steps), single vs two pass: the JSON's `ratios` object
+#   headline-bf16     70    the same in bf16, without the training epochs                        headline-bf16/*.json
+#   7b-layers         40    2 layers of a 7B-shaped Llama, B=32 T=512 bf16 (naive on 2 rows)     7b-layers/*.json
+#   packed            60    SmolLM2 fp32, the shipped instruction examples at natural lengths    packed/*.json
+#                           (T <= 512, byte tokens): padded vs packed plain step, fastsel's
+#                           default, norm pass (torch, triton, padded, packed), Moderate-G step,
+#                           naive; the JSON's packed ratios. Needs `datasets`, absent from the
+#                           image: carry .whl/ (benchmarks/gpu_wheels.sh fills it) in `carry`
 #   kernels           30    per-layer kernel time vs torch, SmolLM2 and 7B LoRA sites, B=32       kernels/*.json
 #                           T=512, fp32 and bf16, whole-model grouped launch over 4 layers
 #                   ----
 #                    460    + 15 s of grace at most (SIGINT ignored): <= 8 min. A global deadline (TOTAL_S,
 #                           default 460) also caps every step by the time left: the run never exceeds it.
-#   The budgets are estimates (no GPU has run this yet): the first GPU session should commit its steps.tsv and
-#   move seconds between steps where a step timed out or left much unused.
+#   Budgets as measured on the first H200 session (2026-12-04, benchmarks/results/gpu-20261204/): the step's
+#   seconds there plus ~30%; headline-fp32 at 5 repeats and 4 training steps did not fit 75 s (62 s at 3 and 2).
 #
 # $OUT/steps.tsv gets one line per step as it ends: name, exit code (124: timed out, "skipped": no time left),
 # seconds, budget. The exit code of the script is 0 when every step passed.
@@ -57,7 +60,10 @@ PY=${PYTHON:-python3}
 SCALE=${BUDGET_SCALE:-$( ((DRY == 1)) && echo 5 || echo 1 )}
 TOTAL_S=${TOTAL_S:-$(( 460 * SCALE ))}
 MIN_STEP_S=5
-export PYTHONUNBUFFERED=1 PY OUT DRY
+# wheels carried in .whl/ (packages the GPU image lacks) go to SITE in the setup step, visible to every step
+SITE=${SITE:-/tmp/fastsel-site}
+[[ -d .whl ]] && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PY OUT DRY SITE
 mkdir -p "$OUT"
 : >"$OUT/steps.tsv"
 DEADLINE=$(( $(date +%s) + TOTAL_S ))
@@ -97,6 +103,9 @@ setup() {
         echo "dry run: no install (the running environment's fastsel is used)"
     else
         $PY -m pip install --no-index --no-deps --no-build-isolation -e . || exit 1
+        if [[ -d .whl ]]; then
+            $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl || exit 1
+        fi
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
     fi
     $PY -c "import fastsel, torch, triton; print('fastsel', fastsel.__file__, 'torch', torch.__version__,
@@ -139,10 +148,10 @@ tests() {
 }
 
 # ---------------------------------------------------------------------------------------------- the steps
-step setup 80 setup
+step setup 60 setup
 [[ $(tail -1 "$OUT/steps.tsv" | cut -f2) == 0 ]] || { echo "setup failed: see $OUT/setup.log"; exit 1; }
 
-step selftest 40 selftest
+step selftest 30 selftest
 
 if dry; then
     groups=("selftest=tests/engine/test_kernel_selftest.py -k every_family_passes"
@@ -152,22 +161,23 @@ else
             "engine=tests/engine/test_norms.py tests/engine/test_kernel_selftest.py tests/engine/test_model_untouched.py tests/engine/test_batch.py tests/engine/test_packed.py tests/engine/test_dots.py"
             "training=tests/training/test_selective.py tests/selection/test_ops.py tests/selection/test_rules.py")
 fi
-step tests 130 tests "${groups[@]}"
+step tests 70 tests "${groups[@]}"
 
 if dry; then shape=(--tiny --suite gpu --device cpu --repeats 1 --warmup 0)
-else shape=(--suite gpu --device cuda --random-weights --batch 32 --seq 512 --repeats 5 --warmup 1); fi
-step headline-fp32 75 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
-    --data random --methods plain fastsel_torch fastsel_triton naive --training-steps "$(dry && echo 1 || echo 4)" \
+else shape=(--suite gpu --device cuda --random-weights --batch 32 --seq 512 --repeats 3 --warmup 1); fi
+step headline-fp32 100 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
+    --data random --methods plain fastsel_torch fastsel_triton naive --training-steps "$(dry && echo 1 || echo 2)" \
     --out "$OUT/headline-fp32"
 
-step headline-bf16 40 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype bfloat16 --no-checkpointing \
+step headline-bf16 70 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype bfloat16 --no-checkpointing \
     --data random --methods plain fastsel_torch fastsel_triton naive --no-training --out "$OUT/headline-bf16"
 
-step 7b-layers 35 $PY -m fastsel bench "${shape[@]}" --model 7b-layers --no-training \
+step 7b-layers 40 $PY -m fastsel bench "${shape[@]}" --model 7b-layers --no-training \
     --methods plain fastsel_torch fastsel_triton naive --out "$OUT/7b-layers"
 
-step packed 30 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
-    --data instruct --methods fastsel_torch fastsel_torch_packed fastsel_triton fastsel_triton_packed naive \
+step packed 60 $PY -m fastsel bench "${shape[@]}" --model smollm2 --dtype float32 --no-checkpointing \
+    --data instruct --methods plain plain_packed fastsel_default fastsel_torch fastsel_torch_packed \
+    fastsel_triton_packed moderate_step naive \
     --no-training --out "$OUT/packed"
 
 if dry; then args=(--tiny --device cpu --models smollm2 --dtypes float32 --layers 1)

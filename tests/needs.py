@@ -12,6 +12,7 @@ import os
 from types import ModuleType
 
 import pytest
+import torch
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -53,3 +54,11 @@ def need_embedded_model() -> str:
     except ImportError as e:
         missing(str(e))
         raise
+
+
+def on_kernel_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict]:
+    """The model and batch where the Triton kernels run: CUDA when present (compiled kernels take CUDA tensors),
+    else left on the CPU, where the interpreter (TRITON_INTERPRET=1) runs them."""
+    if torch.cuda.is_available():
+        return model.cuda(), {k: v.cuda() for k, v in batch.items()}
+    return model, batch

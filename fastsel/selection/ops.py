@@ -137,26 +137,35 @@ def _run(name: str, fallback: Callable[..., Any], *args: Any) -> Any:
 
 def median(values: Tensor | Sequence[float]) -> float:
     """Median of a 1-D float tensor; for an even count the mean (a + b) / 2 of the two middle values."""
-    return _run("median", _torch_median, _as_tensor(values))
+    x = _to_finite_double(_as_tensor(values), "median")
+    if x.numel() == 0:
+        raise ValueError("median: empty input")
+    return _run("median", _torch_median, x)
 
 
 def closest_k(values: Tensor | Sequence[float], target: float, k: int) -> Tensor:
     """Indices (int64, ascending) of the k values closest to target by |v - target|; ties -> lower index."""
-    return _run("closest_k", _torch_closest_k, _as_tensor(values), float(target), int(k))
+    x, target, k = _to_finite_double(_as_tensor(values), "closest_k"), _check_target(target), int(k)
+    _check_k(k, x.numel(), "closest_k")
+    return _run("closest_k", _torch_closest_k, x, target, k)
 
 
 def extreme_k(values: Tensor | Sequence[float], k: int, largest: bool) -> Tensor:
     """Indices (int64, ascending) of the k smallest or, with largest, the k largest values; ties -> lower index."""
-    return _run("extreme_k", _torch_extreme_k, _as_tensor(values), int(k), bool(largest))
+    x, k = _to_finite_double(_as_tensor(values), "extreme_k"), int(k)
+    _check_k(k, x.numel(), "extreme_k")
+    return _run("extreme_k", _torch_extreme_k, x, k, bool(largest))
 
 
 def loss_band(losses: Tensor | Sequence[float], c: float) -> Tensor:
     """Bool mask of |L - mean| <= c * std (population std, divide by n): the losses within c std of the mean."""
-    return _run("loss_band", _torch_loss_band, _as_tensor(losses), float(c))
+    x = _to_finite_double(_as_tensor(losses), "loss_band")
+    return _run("loss_band", _torch_loss_band, x, _check_c(c))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pure-torch fallback: same checks and results as csrc/select.cpp, same messages for values, k, target, c
+# The checks (the public ops run them before either implementation: an exception thrown inside the extension
+# crashed the process on the H200 image, 2026-12-04) and the pure-torch fallback, same results as csrc/select.cpp
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +191,20 @@ def _to_finite_double(values: Tensor, op: str) -> Tensor:
 def _check_k(k: int, n: int, op: str) -> None:
     if not 0 <= k <= n:
         raise ValueError(f"{op}: k must be in [0, {n}], got {k}")
+
+
+def _check_target(target: float) -> float:
+    target = float(target)
+    if not math.isfinite(target):
+        raise ValueError(f"closest_k: target must be finite, got {target:g}")
+    return target
+
+
+def _check_c(c: float) -> float:
+    c = float(c)
+    if not c >= 0.0:
+        raise ValueError(f"loss_band: c must be >= 0, got {c:g}")
+    return c
 
 
 def _sequential_sum(x: Tensor) -> float:
@@ -214,10 +237,7 @@ def _torch_median(values: Tensor) -> float:
 
 def _torch_closest_k(values: Tensor, target: float, k: int) -> Tensor:
     """Pure-torch closest_k (fallback of the C++ op)."""
-    x = _to_finite_double(values, "closest_k")
-    target = float(target)
-    if not math.isfinite(target):
-        raise ValueError(f"closest_k: target must be finite, got {target:g}")
+    x, target = _to_finite_double(values, "closest_k"), _check_target(target)
     _check_k(k, x.numel(), "closest_k")
     return _first_k_ascending((x - target).abs(), k)
 
@@ -231,10 +251,7 @@ def _torch_extreme_k(values: Tensor, k: int, largest: bool) -> Tensor:
 
 def _torch_loss_band(losses: Tensor, c: float) -> Tensor:
     """Pure-torch loss_band (fallback of the C++ op)."""
-    x = _to_finite_double(losses, "loss_band")
-    c = float(c)
-    if not c >= 0.0:
-        raise ValueError(f"loss_band: c must be >= 0, got {c:g}")
+    x, c = _to_finite_double(losses, "loss_band"), _check_c(c)
     n = x.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool)

@@ -39,15 +39,16 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path: Path) -> None:
     assert 'failures="0"' in (tmp_path / "tests-kernels.xml").read_text()
     (headline,) = (tmp_path / "headline-fp32").glob("*.json")
     report = json.loads(headline.read_text())
-    assert report["ratios"]["norm_pass_over_plain"] > 0 and report["training"]["steps"] == 1
+    assert report["ratios"]["headlines"][0]["norm_pass_over_plain"] > 0 and report["training"]["steps"] == 1
     assert {c["dtype"] for c in report["cases"]} == {"float32"}
     assert report["cases"][0]["skipped"]["vmap"] == "not selected (--methods)"
     (bf16,) = (tmp_path / "headline-bf16").glob("*.json")
     assert {c["dtype"] for c in json.loads(bf16.read_text())["cases"]} == {"bfloat16"}
     assert list((tmp_path / "7b-layers").glob("*.json")) and list((tmp_path / "kernels").glob("*.json"))
     (packed,) = (tmp_path / "packed").glob("*.json")
-    (case,) = json.loads(packed.read_text())["cases"]
-    assert case["data"] == "instruct" and case["methods"]["plain_packed"] and case["methods"]["fastsel_torch_packed"]
+    cases = json.loads(packed.read_text())["cases"]
+    assert cases and all(case["data"] == "instruct" for case in cases)
+    assert all(case["methods"]["plain_packed"] and case["methods"]["fastsel_torch_packed"] for case in cases)
 
 
 def test_the_deadline_caps_the_steps_and_skips_what_does_not_fit(tmp_path: Path) -> None:

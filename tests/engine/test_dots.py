@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from needs import need_kernels
+from needs import need_kernels, on_kernel_device
 from tiny import (
     assert_same,
     full_finetune,
@@ -162,8 +162,7 @@ def test_triton_backend_dots_match_torch_and_naive(case: str) -> None:
         model = full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")
     refs = references(model)
-    if torch.cuda.is_available():
-        model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
+    model, batch = on_kernel_device(model, batch)
     got = norm_pass(batch, model, backend="triton", reference=refs)
     torch_dots = norm_pass(batch, model, backend="torch", reference=refs).dots
     assert dot_err(got.dots.cpu(), torch_dots.cpu()) <= 1e-5
@@ -183,9 +182,10 @@ def test_packed_dots_equal_the_naive_per_sequence_loop(backend: str) -> None:
     kernels over the (row, start, end) segments (CPU interpreter here)."""
     if backend == "triton":
         need_kernels()
-    model = lora(tiny_model(), r=4)
+    model, batch = lora(tiny_model(), r=4), make_packed(PACKED_ROWS, pad=3, prompt=1)
+    if backend == "triton":
+        model, batch = on_kernel_device(model, batch)
     refs = references(model)
-    batch = make_packed(PACKED_ROWS, pad=3, prompt=1)
     got = norm_pass(batch, model, backend=backend, reference=refs)
     assert got.dots.shape == (7, 2)
     check_against_naive(batch, model, refs, backend=backend)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from needs import need_kernels
+from needs import need_kernels, on_kernel_device
 from tiny import full_finetune, lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -140,8 +140,7 @@ def test_auto_falls_back_to_torch_with_one_warning(family: str, how: str, first_
 
 def test_explicit_triton_raises_and_leaves_the_model_as_found(first_use, monkeypatch) -> None:
     _break(monkeypatch, "write_grads", "wrong")
-    model = lora(tiny_model(), r=4)
-    batch = make_batch([7, 5, 6])
+    model, batch = on_kernel_device(lora(tiny_model(), r=4), make_batch([7, 5, 6]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert fastsel.grad_norms(batch, model, backend="triton").shape == (3,)  # norms need no write_grads
     for _ in range(2):  # every time, not only at the first failure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from needs import need_kernels
+from needs import need_kernels, on_kernel_device
 from tiny import full_finetune, lora, make_batch, make_packed, reused_module_case, tiny_model
 
 import fastsel
@@ -203,8 +203,7 @@ def test_triton_backend_matches_naive(case: str) -> None:
     else:
         model = full_finetune(tiny_model())
         batch = make_batch([7, 4, 5], side="right")
-    if torch.cuda.is_available():  # compiled kernels need CUDA tensors (the interpreter runs on CPU ones)
-        model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
+    model, batch = on_kernel_device(model, batch)
     got = fastsel.grad_norms(batch, model, backend="triton")
     assert got.device == batch["input_ids"].device
     assert rel_err(got, naive(batch, model)) <= 1e-5

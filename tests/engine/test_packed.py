@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from needs import need_kernels
+from needs import need_kernels, on_kernel_device
 from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -234,8 +234,7 @@ def test_triton_backend_on_packed_rows(case: str) -> None:
         for name, p in model.named_parameters():
             p.requires_grad_("layers.1.self_attn" in name and "proj" in name)
     batch = make_packed([[6, 2, 9], [5, 4]], prompt=1)
-    if torch.cuda.is_available():
-        model, batch = model.cuda(), {k: v.cuda() for k, v in batch.items()}
+    model, batch = on_kernel_device(model, batch)
     result = norm_pass(batch, model, backend="triton", keep_grads=case == "lora")
     assert rel_err(result.norms, naive(batch, model)) <= 1e-5
     if case == "lora":
