@@ -1,7 +1,7 @@
-"""The README's usage snippets run as written, on a tiny LoRA Llama standing in for the user's model and data.
+"""The README's and docs' usage snippets run as written, on a tiny LoRA Llama standing in for the user's model and
+data, and the README's TRL block on the embedded SmolLM2 itself.
 
-Only the snippets that need no hub model, GPU or Trainer arguments run here (the Use, packed and gradient-alignment
-blocks); each runs verbatim after a prelude that defines the names the README leaves to the reader.
+Each runs verbatim after a prelude that defines the names the page leaves to the reader (`batch`, `dataset`, ...).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import need_embedded_model, need_module
 from tiny import lora, make_batch, make_packed, tiny_model
 
 import fastsel
@@ -17,14 +18,17 @@ import fastsel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def block_containing(marker: str) -> str:
-    found = [b for b in python_blocks() if marker in b]
-    assert len(found) == 1, f"expected one README python block containing {marker!r}, found {len(found)}"
-    return found[0]
+    """The one python block containing `marker` on the first page (README.md, then docs/) that has any."""
+    for page in PAGES:
+        found = [b for b in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M) if marker in b]
+        if found:
+            assert len(found) == 1, f"expected one python block in {page.name} containing {marker!r}, found {len(found)}"
+            return found[0]
+    raise AssertionError(f"no python block in README.md or docs/ contains {marker!r}")
 
 
 @pytest.fixture()
@@ -65,3 +69,21 @@ def test_alignment_block(namespace: dict) -> None:
     ns = run(block_containing("fastsel.reference_gradient(refusal_batch, model)"), namespace)
     assert ns["dots"].shape == (5,) and ns["m"].dots.shape == (5, 2) and ns["m"].cosines.shape == (5, 2)
     assert torch.allclose(ns["m"].dots[:, 1], ns["dots"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trl_block_on_the_embedded_model(tmp_path: Path) -> None:
+    """The README's TRL quick start, verbatim, on `load_model("smollm2")`: it trains one selective step."""
+    datasets = need_module("datasets")
+    need_module("trl")
+    need_embedded_model()
+    rows = [("What is 2 + 3?", "2 + 3 = 5."), ("Name a primary colour.", "Red is a primary colour."),
+            ("Say hello in French.", "Bonjour!"), ("What is the capital of Italy?", "The capital of Italy is Rome.")]
+    dataset = datasets.Dataset.from_list([
+        {"id": f"ex{i}", "prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+        for i, (q, a) in enumerate(rows)])
+    ns = run(block_containing("fastsel.hf.make_selective(trl.SFTTrainer)"),
+             {"dataset": dataset, "out_dir": str(tmp_path / "out")})
+    (record,) = ns["trainer"].fastsel_log
+    assert len(record["kept_ids"]) == 1 and sorted(record["kept_ids"] + record["dropped_ids"]) == sorted(dataset["id"])
+    assert (tmp_path / "out" / "fastsel_selection.jsonl").is_file()

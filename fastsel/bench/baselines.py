@@ -1,6 +1,8 @@
-"""The methods `fastsel bench` compares on one batch: the plain step (the floor), fastsel's norm pass, the naive
+"""The methods `fastsel bench` compares on one batch: the plain step (the floor), fastsel's norm pass (as given,
+and `fastsel_default`: the layout and backend `select` picks), a Moderate-G `selective_backward` step, the naive
 per-example loop, torch.func vmap(grad) and Opacus ghost clipping, and fastsel's norm pass with two reference
-gradients (norms + dots in the same pass: the `*_dots` methods). Each returns [B] norms (plain: nothing).
+gradients (norms + dots in the same pass: the `*_dots` methods). Each returns [B] norms (plain and the step:
+nothing).
 
 The `*_packed` methods get the same examples packed padding-free (one example per sequence, same order):
 `PACKED_METHODS`. The peers (naive, vmap, Opacus) take the padded batch: their per-sample dimension is the batch
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsel.engine.model_io import forward_kwargs, logits_of, model_device, prepare_for
+from fastsel.selection import strategies
 from fastsel.utils import module_mode
 
 NO_TRITON_CPU = "no GPU: Triton interpreter only"
@@ -49,9 +52,11 @@ def naive_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
     return norm_pass(batch, model, backend="naive").norms
 
 
-def fastsel_norms(backend: str, dots: bool = False) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
-    """fastsel's one batched pass with the given backend (with `dots`: norms and dots with `bench_references` in
-    the same pass; the norms are returned)."""
+def fastsel_norms(backend: str, dots: bool = False, layout: str = "given"
+                  ) -> Callable[[Mapping[str, Tensor], nn.Module], Tensor]:
+    """fastsel's one batched pass with the given backend and layout (`model_io.in_layout`: 'given' runs the batch
+    as it is, padded or packed; 'auto' is what `select` / `selective_backward` pick); with `dots`: norms and
+    dots with `bench_references` in the same pass (the norms are returned)."""
 
     def run(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
         from fastsel.engine.kernel_selftest import KernelSelfTestError
@@ -60,11 +65,21 @@ def fastsel_norms(backend: str, dots: bool = False) -> Callable[[Mapping[str, Te
         if backend == "triton":
             _require_triton(model)
         try:
-            return norm_pass(batch, model, backend=backend, reference=bench_references(model) if dots else None).norms
+            return norm_pass(batch, model, backend=backend, reference=bench_references(model) if dots else None,
+                             layout=layout).norms
         except KernelSelfTestError as e:  # a kernel family failed its first-use self-test: null, with the reason
             raise Unavailable(str(e)) from e
 
     return run
+
+
+def moderate_step(batch: Mapping[str, Tensor], model: nn.Module) -> None:
+    """One Moderate-G training step as a user runs it: `selective_backward` with its defaults (ratio 0.2, the
+    layout and pass it picks), the kept examples' gradient written to .grad (then dropped)."""
+    from fastsel.training.selective import selective_backward
+
+    selective_backward(batch, model, strategy=strategies.DEFAULT, ratio=0.2)
+    zero_grads(model)
 
 
 def _require_triton(model: nn.Module) -> None:
@@ -184,6 +199,8 @@ def opacus_norms(batch: Mapping[str, Tensor], model: nn.Module) -> Tensor:
 METHOD_FNS: dict[str, Callable[..., Any]] = {
     "plain": plain_step,
     "plain_packed": plain_step,
+    "fastsel_default": fastsel_norms("auto", layout="auto"),
+    "moderate_step": moderate_step,
     "fastsel_torch": fastsel_norms("torch"),
     "fastsel_torch_packed": fastsel_norms("torch"),
     "fastsel_triton": fastsel_norms("triton"),
@@ -194,7 +211,9 @@ METHOD_FNS: dict[str, Callable[..., Any]] = {
     "fastsel_torch_dots": fastsel_norms("torch", dots=True),
     "fastsel_triton_dots": fastsel_norms("triton", dots=True),
 }
-PACKED_METHODS = ("plain_packed", "fastsel_torch_packed", "fastsel_triton_packed")
+# the packed input: the dot methods too, so that `norm_dots_over_norm_pass` compares passes of one layout
+PACKED_METHODS = ("plain_packed", "fastsel_torch_packed", "fastsel_triton_packed", "fastsel_torch_dots",
+                  "fastsel_triton_dots")
 
 
 def _short(e: BaseException) -> str:

@@ -38,7 +38,7 @@ def slug(name: str) -> str:
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "transformers", "peft", "opacus"):
+    for pkg in ("triton", "transformers", "peft", "trl", "opacus"):
         try:
             out[pkg] = __import__(pkg).__version__
         except Exception:  # noqa: BLE001

@@ -18,6 +18,7 @@ def _quiet(_: str) -> None:
     pass
 
 
+@pytest.mark.auto_layout  # the bench measures the CPU default
 def test_tiny_quick_suite_schema_and_markdown(tmp_path) -> None:
     plan = bench.build_plan("quick", "cpu", tiny=True, repeats=1, warmup=0)
     report = bench.run_plan(plan, log=_quiet)
@@ -27,35 +28,40 @@ def test_tiny_quick_suite_schema_and_markdown(tmp_path) -> None:
     for key in ("device", "device_name", "versions", "cases", "training", "ratios", "timing", "targets"):
         assert key in data
     assert {"torch", "triton", "transformers"} <= set(data["versions"])
-    for key in bench.RATIO_KEYS:
-        assert key in data["ratios"]
-        if data["ratios"][key] is None:
-            assert data["ratios"][f"{key}_reason"]
-    assert data["ratios"]["norm_pass_over_plain"] > 0
-    assert data["ratios"]["opacus_over_fastsel"] is None or data["versions"]["opacus"]
+    heads = data["ratios"]["headlines"]
+    assert [h["batch"] for h in heads] == [4, 6]  # every headline size gets its ratios
+    for head in heads:
+        for key in bench.CASE_RATIOS:
+            assert key in head
+            if head[key] is None:
+                assert head[f"{key}_reason"], key
+        assert head["default_layout"] == "packed"  # on a CPU, padded batches run packed by default
+    assert heads[0]["norm_pass_over_plain"] > 0
+    assert heads[0]["opacus_over_fastsel"] is None or data["versions"]["opacus"]
     case = data["cases"][0]
     assert set(case["methods"]) == set(bench.METHODS)
     assert case["methods"]["fastsel_triton"] is None and case["skipped"]["fastsel_triton"] == bench.NO_TRITON_CPU
     for name, entry in case["methods"].items():
         if entry is not None:
             assert entry["median_s"] > 0 and entry["q1_s"] <= entry["median_s"] <= entry["q3_s"], name
-            if name != "plain":
+            if name in bench.NORM_METHODS:
                 assert entry["max_rel_diff_vs_others"] <= case["tolerance"]
     # the synthetic model takes no position_ids: no packed methods; the headline (instruct data) runs both layouts
     assert case["methods"]["plain_packed"] is None and case["skipped"]["plain_packed"] == bench.NO_PACKING
     head = next(c for c in data["cases"] if c["headline"])
     assert head["data"] == "instruct" and head["packed_shape"] == [1, sum(head["lengths"])]
     assert len(set(head["lengths"])) > 1  # natural, uneven lengths
-    for name in ("plain", "plain_packed", "fastsel_torch", "fastsel_torch_packed", "naive"):
+    for name in ("plain", "plain_packed", "fastsel_default", "moderate_step", "fastsel_torch", "fastsel_torch_packed",
+                 "naive"):
         assert head["methods"][name] is not None, name
-    assert head["methods"]["fastsel_torch_packed"]["max_rel_diff_vs_others"] <= head["tolerance"]
-    assert data["ratios"]["fastsel_method"] == "fastsel_torch_packed"
-    for key in ("packed_norm_pass_over_plain_packed", "packed_norm_pass_over_plain", "plain_packed_over_plain"):
-        assert data["ratios"][key] > 0, key
+    assert head["methods"]["fastsel_default"]["max_rel_diff_vs_others"] <= head["tolerance"]
+    for key in ("default_over_naive", "default_over_padded_pass", "packed_norm_pass_over_plain_packed",
+                "moderate_step_over_plain", "plain_packed_over_plain"):
+        assert heads[0][key] > 0, key
     assert data["training"]["packed"] is True
     table = bench.markdown_table(path)
     assert "norm_pass_over_plain" in table and "| case |" in table and case["label"] in table
-    assert "packed_norm_pass_over_plain_packed" in table and "fastsel packed" in table
+    assert "default_over_naive" in table and "fastsel packed" in table and heads[1]["label"] in table
 
 
 def test_disagreement_fails_naming_the_method(monkeypatch) -> None:
@@ -102,8 +108,8 @@ def test_gpu_suite_structure_runs_tiny_on_cpu() -> None:
     ckpt = next(c for c in report["cases"] if c["gradient_checkpointing"])
     assert ckpt["methods"]["fastsel_torch"] is not None
     assert any(c["reference"] == "naive_first_rows" for c in report["cases"])
-    assert report["ratios"]["moderate_epoch_over_full_epoch"] is None
-    assert report["ratios"]["moderate_epoch_over_full_epoch_reason"]
+    assert report["ratios"]["training"]["moderate_epoch_over_full_epoch"] is None
+    assert report["ratios"]["training"]["moderate_epoch_over_full_epoch_reason"]
 
 
 def test_slug() -> None:
@@ -113,19 +119,21 @@ def test_slug() -> None:
 
 
 def test_readme_tables_match_the_committed_json() -> None:
-    """The README and benchmarks/README.md show exactly what markdown_table renders from the committed JSON."""
+    """The README and benchmarks/README.md show exactly what the renderers make of the committed JSON."""
+    import importlib
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     for readme in (root / "README.md", root / "benchmarks" / "README.md"):
         text = readme.read_text()
-        blocks = re.findall(r"<!-- generated by fastsel\.bench\.suite\.markdown_table\((.+?)\); do not edit by hand -->\n"
-                            r"(.*?)<!-- end generated -->", text, flags=re.S)
+        blocks = re.findall(r"<!-- generated by fastsel\.bench\.(suite|trainer_step|score_bench)\.(\w+)\((.+?)\); do not "
+                            r"edit by hand -->\n(.*?)<!-- end generated -->", text, flags=re.S)
         assert blocks, f"{readme} has no generated benchmark table"
-        for json_path, body in blocks:
-            assert (root / json_path).is_file(), json_path
-            assert body.strip() == bench.markdown_table(root / json_path).strip(), f"{readme}: stale table"
+        for module, renderer, json_path, body in blocks:
+            assert (root / json_path).exists(), json_path
+            render = getattr(importlib.import_module(f"fastsel.bench.{module}"), renderer)
+            assert body.strip() == render(root / json_path).strip(), f"{readme}: stale {renderer} table"
 
 
 def test_random_weights_smollm2_never_reads_the_embedded_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,3 +202,8 @@ def test_target_verdicts() -> None:
     assert tgt == ">= 1.4 at T >= 256" and verdict == "not applicable (longest example: 178 tokens)"
     assert bench._target_cells("k", 1.5, {"op": ">=", "value": 1.4, "min_seq": 256}, 300)[1] == "met"
     assert bench._target_cells("k", None, None, None) == ("", "")
+    per_batch = {"op": "<=", "value": {"8": 1.0, "32": 0.95}}  # as read back from the JSON
+    assert bench._target_cells("k", 0.97, per_batch, 300, 8) == ("<= 1", "met")
+    assert bench._target_cells("k", 0.97, per_batch, 300, 32) == ("<= 0.95", "missed")
+    assert bench._target_cells("k", 2.0, {"op": ">=", "value": 1.4, "batch": 8}, 300, 32)[1] == \
+        "not applicable (B = 32)"
