@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint reproduce experiment bench clean
+.PHONY: install demo test test-fast lint reproduce experiment audit bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ reproduce: install
 EXPERIMENT_OUT ?= runs/experiment
 experiment: install
 	$(BIN)/fastsel continual --config configs/experiment.yaml --out $(EXPERIMENT_OUT)
+
+# `fastsel score` on shipped data with the embedded model: exact scores, the audit report, GradShield's filter.
+AUDIT_OUT ?= runs/audit
+audit: install
+	$(BIN)/fastsel score --data fastsel/experiments/data/files/format_mix.jsonl --id-column id \
+		--references anchors --report --filter gradshield --out $(AUDIT_OUT)
 
 bench: install
 	$(BIN)/fastsel bench --quick

@@ -1,4 +1,4 @@
-"""Command line: `fastsel demo | bench | bench-kernels | continual` (also `python -m fastsel ...`).
+"""Command line: `fastsel demo | bench | bench-kernels | bench-trainer | bench-score | continual | score | filter` (also `python -m fastsel ...`).
 
 Each subcommand lives in its own module, which adds its arguments and runs; this file only dispatches.
 """
@@ -13,7 +13,11 @@ SUBCOMMANDS = {
     "demo": ("fastsel.experiments.demo", "per-example norms on the embedded SmolLM2 model: torch vs naive, and the selection"),
     "bench": ("fastsel.bench.suite", "benchmark the norm pass against naive, torch.func, Opacus; training overhead"),
     "bench-kernels": ("fastsel.bench.kernel_bench", "per-layer microbenchmark of the norm ops: Triton kernels vs torch"),
+    "bench-trainer": ("fastsel.bench.trainer_step", "a selective TRL SFTTrainer step vs a plain one (TRL defaults)"),
+    "bench-score": ("fastsel.bench.score_bench", "examples/s of `fastsel score` vs a plain packed pass and the loop"),
     "continual": ("fastsel.experiments.continual", "the paper's continual safety pipeline from a YAML config"),
+    "score": ("fastsel.experiments.scoring.cli", "exact per-example losses, gradient norms and dots for a dataset"),
+    "filter": ("fastsel.experiments.scoring.filtering", "a whole-dataset filter over a `fastsel score` run"),
 }
 
 
