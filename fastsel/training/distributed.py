@@ -12,11 +12,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-class UnreducedGradientError(RuntimeError):
-    """An optimizer step over gradients that `selective_backward(sync=False)` left unreduced across ranks (raised
-    by the guards of fastsel.training.selective for DDP-style `.grad` and of fastsel.training.fsdp for FSDP2)."""
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

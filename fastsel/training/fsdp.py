@@ -12,7 +12,7 @@ What fastsel does differently from DDP, and why (the simplest exact path):
 - `sync=False` communicates no gradient: the contribution stays in the buffer (one unsharded fp32 copy of the
   trainable parameters per rank - what FSDP's own `set_requires_gradient_sync(False)` accumulation keeps too), and
   the next `sync=True` call reduce-scatters the whole window once. An optimizer step while a buffer is pending
-  raises UnreducedGradientError; `zero_grad()` (set_to_none True or False) drops the window: a `sync=False` call
+  raises UnreducedGradientError (`training.window`'s guard); `zero_grad()` (set_to_none True or False) drops the window: a `sync=False` call
   makes sure `.grad` exists (zeros) so that zeroing it is visible, and a changed `.grad` that is all zeros on every
   rank (checked at the next `sync=True` call, with one small all-gather) ends the window.
 - FSDP's `set_requires_gradient_sync` does not affect selective_backward (it leaves FSDP nothing to reduce); it
@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsel.engine.targets import Target
 from fastsel.training import distributed
+from fastsel.training import window as accumulation
 
 
 @dataclass
@@ -47,8 +45,7 @@ class _Pending:
     version: int
 
 
-_PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Pending
-_GUARD: RemovableHandle | None = None
+_PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Pending (training.window guards the step)
 
 
 def check_sharded_targets(targets: list[Target]) -> None:
@@ -96,12 +93,9 @@ def _window_state(p: Tensor) -> str:
 
 
 def _forget(params: list[Tensor]) -> None:
-    global _GUARD
     for p in params:
         _PENDING.pop(p, None)
-    if _GUARD is not None and len(_PENDING) == 0:
-        _GUARD.remove()
-        _GUARD = None
+    accumulation.disarm_if_idle()
 
 
 def _locally_pending(p: Tensor) -> bool:
@@ -111,17 +105,20 @@ def _locally_pending(p: Tensor) -> bool:
     return state == "kept"
 
 
-def _refuse_unreduced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    del args, kwargs
-    params = [p for group in optimizer.param_groups for p in group["params"] if p in _PENDING]
-    _forget([p for p in params if _window_state(p) == "dropped"])
-    pending = sum(1 for p in params if _locally_pending(p))
-    if pending:
-        raise distributed.UnreducedGradientError(
-            f"{pending} FSDP2 parameter(s) hold gradients added by selective_backward(..., sync=False) that were "
-            "never reduce-scattered over ranks: the last micro-batch before optimizer.step() must call "
-            "selective_backward(..., sync=True) (with the Trainer integration: accelerate's sync_gradients does "
-            "this)")
+def _step_pending(p: Tensor) -> bool:
+    """The window guard's question: a `.grad` set to None drops the window, else `_locally_pending`."""
+    if p not in _PENDING:
+        return False
+    if _window_state(p) == "dropped":
+        _PENDING.pop(p, None)
+        return False
+    return _locally_pending(p)
+
+
+accumulation.register_kind(accumulation.WindowKind(
+    "fsdp2", _step_pending, lambda: len(_PENDING) > 0,
+    lambda n: f"{n} FSDP2 parameter(s) hold gradients added by selective_backward(..., sync=False) that were never "
+              "reduce-scattered over ranks"))
 
 
 def has_pending(model: nn.Module) -> bool:
@@ -150,7 +147,6 @@ def apply_sharded(targets: list[Target], summed: list[Tensor | None], kept: int,
     """Add this rank's contribution of `scale` x kept-mean gradient to the window; with `sync`, reduce-scatter the
     window into the sharded `.grad` (module docstring). The same collectives on every rank: `kept` is global and
     the window state is agreed on."""
-    global _GUARD
     params = [t.param for t in targets]
     open_window = _still_pending(params)
     _forget([p for p, still in zip(params, open_window, strict=True) if not still])
@@ -181,8 +177,7 @@ def apply_sharded(targets: list[Target], summed: list[Tensor | None], kept: int,
             pending = _PENDING.get(p)
             total = contribution if pending is None else pending.total + contribution
             _PENDING[p] = _Pending(total, weakref.ref(p.grad), p.grad._version)
-        if _GUARD is None:
-            _GUARD = register_optimizer_step_pre_hook(_refuse_unreduced_step)
+        accumulation.arm()
 
 
 def _add_shard(p: Tensor, shard: Tensor) -> None:

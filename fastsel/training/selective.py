@@ -21,7 +21,8 @@ trainable parameters over ranks. Averaging leaves rank-identical content unchang
 `sync=True` call or of a DDP-synced backward, zeros) and reduces each deferred share exactly once, so no sequence
 of sync=True/False calls can count a contribution twice. Forgetting the final `sync=True` would leave gradients
 that differ between ranks: an optimizer step over a parameter holding an unreduced `sync=False` contribution
-raises UnreducedGradientError (a global optimizer step pre-hook, registered only while such contributions exist).
+raises UnreducedGradientError (`training.window`: the one optimizer step pre-hook, armed only while a window is
+open, shared with FSDP2's window).
 
 How a window is followed (torch has no zero_grad hook): fastsel records, per parameter, the `.grad` tensor it
 wrote (weakly) and its version counter. A backward accumulating onto that tensor keeps the window open (a tensor
@@ -45,7 +46,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -68,14 +68,14 @@ from fastsel.selection.rules import (
 )
 from fastsel.selection.strategies import DEFAULT
 from fastsel.training import distributed, fsdp
-from fastsel.training.distributed import UnreducedGradientError
+from fastsel.training import window as accumulation
 from fastsel.training.memory import PassPlan, row_bytes
 from fastsel.training.options import check_step_options
+from fastsel.training.window import UnreducedGradientError, WindowKind  # noqa: F401 - public here (fastsel.*)
 
-# Parameters whose `.grad` holds a `sync=False` contribution not yet averaged over ranks (-> their _Window), and
-# the optimizer step pre-hook refusing to step them (registered only while this is non-empty).
+# Parameters whose `.grad` holds a `sync=False` contribution not yet averaged over ranks (-> their _Window); the
+# optimizer step pre-hook refusing to step them is `training.window`'s (armed only while a window is open).
 _DEFERRED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_GUARD: RemovableHandle | None = None
 
 
 @dataclass
@@ -137,21 +137,14 @@ def _pending(param: Tensor) -> bool:
     return window is not None and _still_pending(param, window)
 
 
-def _refuse_unreduced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Optimizer step pre-hook: raise when a parameter of `optimizer` still holds a deferred contribution."""
-    del args, kwargs
-    pending = sum(1 for group in optimizer.param_groups for p in group["params"] if _pending(p))
-    _drop_guard_if_idle()
-    if pending:
-        raise UnreducedGradientError(
-            f"{pending} parameter(s) hold gradients added by selective_backward(..., sync=False) that were never "
-            "averaged over ranks: the last micro-batch before optimizer.step() must call selective_backward(..., "
-            "sync=True) (with the Trainer integration: accelerate's sync_gradients does this)")
+accumulation.register_kind(WindowKind(
+    "grad", _pending, lambda: len(_DEFERRED) > 0,
+    lambda n: f"{n} parameter(s) hold gradients added by selective_backward(..., sync=False) that were never averaged "
+              "over ranks"))
 
 
 def _mark_deferred(params: list[Tensor]) -> None:
     """Record the `.grad` tensors now holding a deferred share (hooks follow later backward accumulations)."""
-    global _GUARD
     for p in params:
         if p.grad is None:
             continue
@@ -163,8 +156,8 @@ def _mark_deferred(params: list[Tensor]) -> None:
             _DEFERRED[p] = _Window(weakref.ref(p.grad), p.grad._version, handles)
         else:
             window.grad, window.version, window.accumulating = weakref.ref(p.grad), p.grad._version, False
-    if _GUARD is None and len(_DEFERRED):
-        _GUARD = register_optimizer_step_pre_hook(_refuse_unreduced_step)
+    if len(_DEFERRED):
+        accumulation.arm()
 
 
 def _forget(param: Tensor) -> None:
@@ -174,23 +167,16 @@ def _forget(param: Tensor) -> None:
             handle.remove()
 
 
-def _drop_guard_if_idle() -> None:
-    global _GUARD
-    if _GUARD is not None and len(_DEFERRED) == 0:
-        _GUARD.remove()
-        _GUARD = None
-
-
 def _clear_deferred(params: list[Tensor]) -> None:
     for p in params:
         _forget(p)
-    _drop_guard_if_idle()
+    accumulation.disarm_if_idle()
 
 
 def has_deferred_gradients(model: nn.Module) -> bool:
     """Whether a parameter of `model` holds a `sync=False` contribution not yet averaged over ranks."""
     pending = any([_pending(p) for p in model.parameters()])  # a list: every parameter's window is checked
-    _drop_guard_if_idle()
+    accumulation.disarm_if_idle()
     return pending or fsdp.has_pending(model)
 
 

@@ -154,7 +154,7 @@ def test_deferred_sync_single_process_and_the_unreduced_step_guard() -> None:
     with pytest.raises(TypeError, match="sync must be a bool"):
         fastsel.selective_backward(batches[0], model, sync=None)
     fastsel.selective_backward(batches[0], model, ratio=0.4)  # sync=True forgets the stale entries
-    assert fastsel.training.selective._GUARD is None  # the optimizer hook is gone once nothing is deferred
+    assert not fastsel.training.window.armed()  # the optimizer hook is gone once nothing is deferred
 
 
 def _poison_token(model, batch, example: int) -> None:
@@ -226,12 +226,12 @@ def test_zero_grad_without_set_to_none_ends_the_window(zeroing: str) -> None:
     optimizer.step()  # used to raise UnreducedGradientError
     for p, b, g in zip(params, before, expected, strict=True):
         torch.testing.assert_close(p.detach(), b - 0.1 * g)
-    assert not has_deferred_gradients(model) and fastsel.training.selective._GUARD is None
+    assert not has_deferred_gradients(model) and not fastsel.training.window.armed()
     # zeroing in place and stepping at once (no backward in between) is allowed too
     fastsel.selective_backward(batch, model, ratio=0.4, sync=False)
     optimizer.zero_grad(set_to_none=False)
     optimizer.step()
-    assert fastsel.training.selective._GUARD is None
+    assert not fastsel.training.window.armed()
 
 
 @pytest.mark.parametrize("between", ["plain_backward", "clip", "grad_norms", "nothing"])
@@ -255,4 +255,4 @@ def test_the_guard_still_refuses_an_unreduced_step(between: str) -> None:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     optimizer.step()
-    assert fastsel.training.selective._GUARD is None
+    assert not fastsel.training.window.armed()
