@@ -72,11 +72,13 @@ import transformers
 from torch import Tensor, nn
 
 from fastsel.integrations.hf_batches import PackedBatchError, to_fastsel_batch
+from fastsel.selection import strategies
 from fastsel.selection.rules import Selection
 from fastsel.training import distributed
 from fastsel.training.options import SelectionOptions, is_int
 from fastsel.training.reference_schedule import ReferenceSchedule
 from fastsel.training.selective import selective_backward
+from fastsel.training.step_log import StepTally
 from fastsel.utils import atomic_write_text
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -193,10 +195,6 @@ def _gather_ids(ids: list[Any] | None) -> list[Any] | None:
 def _trl_metrics(trainer: Any) -> bool:
     """Whether the trainer logs TRL SFTTrainer's token metrics (a `_metrics` store and a token counter)."""
     return isinstance(getattr(trainer, "_metrics", None), Mapping) and hasattr(trainer, "_total_train_tokens")
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) or math.isinf(x) else float(x)
 
 
 class SelectionTrainerMixin:
@@ -360,7 +358,7 @@ class SelectionTrainerMixin:
         self._fastsel_losses_all += selection.losses.tolist()
         if trl_metrics:
             self._log_trl_metrics(selection)
-        self._record(selection, _gather_ids(ids), info, micro, kept_loss)
+        self._record(selection, _gather_ids(ids), info, micro)
         return torch.tensor(kept_loss / steps, device=self.args.device)
 
     def _log_trl_metrics(self, selection: Selection) -> None:
@@ -408,36 +406,22 @@ class SelectionTrainerMixin:
                     continue
         atomic_write_text(path, "".join(kept))
 
-    def _record(self, selection: Selection, ids: list[Any] | None, info: dict[str, Any], micro: int,
-                kept_loss: float) -> None:
+    def _record(self, selection: Selection, ids: list[Any] | None, info: dict[str, Any], micro: int) -> None:
         """Append this micro-step's selection to `fastsel_log` (and the JSONL file on process 0). `step` is the
         optimizer step the micro-batch belongs to, numbered from 1 as the Trainer's `log_history` numbers it."""
         if not self._fastsel_log_cut:
             self._fastsel_cut_log()
-        kept = selection.indices.tolist()
-        mask = selection.mask.tolist()
-        if ids is not None and len(ids) != len(mask):
+        if ids is not None and len(ids) != selection.mask.numel():
             ids = None  # a rank without ids or a collator that changed the example count
+        tally = StepTally(measures_norms=strategies.strategy(selection.strategy).needs_norms
+                          or selection.scores is not None)
+        tally.add(selection, ids)
         entry: dict[str, Any] = {
-            "step": int(self.state.global_step) + 1,
-            "micro_step": micro,
-            "batch_size": len(mask),
-            "candidates": int(selection.candidates.sum()),
-            "k": selection.k,
-            "kept_positions": kept,
-            "ids": ids,
-            "kept_ids": [ids[i] for i in kept] if ids is not None else None,
-            "dropped_ids": [i for i, m in zip(ids, mask, strict=True) if not m] if ids is not None else None,
-            "loss_kept": kept_loss,
-            "loss_all": float(selection.losses.mean()),
-            "norm_median": _finite(selection.median),
-            "single_pass": selection.single_pass,
-            "pass_reason": selection.pass_reason,
-            "packed": info["packed"],
-            "note": "; ".join(n for n in (selection.note, info["note"]) if n),
+            "step": int(self.state.global_step) + 1, "micro_step": micro, **tally.fields(), "k": selection.k,
+            "kept_positions": selection.indices.tolist(), "ids": ids, "single_pass": selection.single_pass,
+            "packed": info["packed"], "note": "; ".join(n for n in (selection.note, info["note"]) if n),
         }
-        if selection.scores is not None:  # reference strategies: positive = judged harmful
-            entry["scored_harmful"] = int((selection.scores > 0).sum())
+        if selection.scores is not None:
             entry["reference_step"] = self._fastsel_references.computed_at
         if self.fastsel_config.log_measurements:
             if selection.scores is not None:

@@ -63,7 +63,8 @@ from fastsel.training.reference_schedule import ReferenceSchedule
 from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
 from fastsel.training.rows import DataOrder, check_dataset
 from fastsel.training.selective import selective_backward
-from fastsel.utils import atomic_replace_dir, atomic_write_text, mean_or_none
+from fastsel.training.step_log import StepTally
+from fastsel.utils import atomic_replace_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +280,6 @@ def _micro_seed(seed: int, micro_index: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ log helpers
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"norm_min": None, "norm_median": None, "norm_max": None, "norm_mean": None}
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"norm_min": float(t.min()), "norm_median": float(t.quantile(0.5)), "norm_max": float(t.max()),
-            "norm_mean": float(t.mean())}
-
-
 def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     """Records of steps <= up_to_step from an existing log (a torn last line is dropped); rewrites the log."""
     records: list[dict[str, Any]] = []
@@ -496,7 +489,7 @@ class _Run:
         n_micro = cfg.grad_accum if self.total_micro is None else min(cfg.grad_accum, self.total_micro - micro_start)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             reference = self.references.get(model, step)
-        tally = _StepTally(measures_norms=strategy(cfg.strategy).needs_norms or reference is not None)
+        tally = StepTally(measures_norms=strategy(cfg.strategy).needs_norms or reference is not None)
         for m in range(n_micro):
             epoch, rows = self.order.next()
             features = [self.dataset[i] for i in rows]
@@ -508,9 +501,10 @@ class _Run:
                                               n_micro, last=m == n_micro - 1)
             tally.add(selection, [self.row_ids[r] for r in rows])
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = _optimizer_step(self.optimizer, self.scheduler, self.params, cfg, skip=not tally.kept_ids,
+        grad_norm = _optimizer_step(self.optimizer, self.scheduler, self.params, cfg, skip=not tally.kept,
                                     step=step)
-        record = tally.record(step=step + 1, total_steps=self.total_steps, epoch=epoch, lr=lr, grad_norm=grad_norm)
+        record = {"step": step + 1, "total_steps": self.total_steps, "epoch": epoch, **tally.fields(), "lr": lr,
+                  "grad_norm": grad_norm}
         if reference is not None:
             record["reference_step"] = self.references.computed_at
         return record
@@ -620,49 +614,6 @@ def _optimizer_step(optimizer: Any, scheduler: Any, params: list[Tensor], cfg: T
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-class _StepTally:
-    """One optimizer step's selections over its micro-batches, and the step's log record."""
-
-    def __init__(self, measures_norms: bool) -> None:
-        self.measures_norms = measures_norms
-        self.kept_ids: list[Any] = []
-        self.dropped_ids: list[Any] = []
-        self.kept_losses: list[float] = []
-        self.all_losses: list[float] = []
-        self.norms: list[float] = []
-        self.scores: list[float] = []
-        self.passes: list[str] = []
-        self.in_band = 0
-        self.reference = False
-
-    def add(self, selection: Selection, ids: list[Any]) -> None:
-        mask, losses = selection.mask.tolist(), selection.losses.tolist()
-        self.in_band += int(selection.candidates.sum())
-        self.passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows with "
-                                                    "the regularizers")
-        self.kept_ids += [i for i, keep in zip(ids, mask, strict=True) if keep]
-        self.dropped_ids += [i for i, keep in zip(ids, mask, strict=True) if not keep]
-        self.kept_losses += [loss for loss, keep in zip(losses, mask, strict=True) if keep]
-        self.all_losses += losses
-        if self.measures_norms:
-            self.norms += selection.grad_norms.tolist()
-        if selection.scores is not None:
-            self.reference = True
-            self.scores += selection.scores.tolist()
-
-    def record(self, *, step: int, total_steps: int, epoch: int, lr: float, grad_norm: float | None
-               ) -> dict[str, Any]:
-        record = {"step": step, "total_steps": total_steps, "epoch": epoch, "loss_kept": mean_or_none(self.kept_losses),
-                  "loss_all": mean_or_none(self.all_losses), **_stats(self.norms), "kept": len(self.kept_ids),
-                  "batch_size": len(self.all_losses), "candidates": self.in_band,
-                  "kept_fraction": len(self.kept_ids) / len(self.all_losses), "lr": lr, "grad_norm": grad_norm,
-                  "skipped": not self.kept_ids, "kept_ids": self.kept_ids, "dropped_ids": self.dropped_ids,
-                  "pass_reasons": self.passes}
-        if self.reference:  # the reference strategies' scores (positive: judged harmful)
-            record.update(score_mean=mean_or_none(self.scores), scored_harmful=sum(1 for v in self.scores if v > 0))
-        return record
 
 
 def _show(bar: Any, record: dict[str, Any], log_every: int) -> None:
