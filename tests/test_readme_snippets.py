@@ -87,3 +87,21 @@ def test_trl_block_on_the_embedded_model(tmp_path: Path) -> None:
     (record,) = ns["trainer"].fastsel_log
     assert len(record["kept_ids"]) == 1 and sorted(record["kept_ids"] + record["dropped_ids"]) == sorted(dataset["id"])
     assert (tmp_path / "out" / "fastsel_selection.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_scoring_block_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/scoring.md's API block, verbatim, on a three-row `my.jsonl` in the working folder."""
+    need_module("datasets")
+    need_embedded_model()
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "Name a colour.", "answer": "Blue."},
+            {"question": "Say hi.", "answer": "Hello there, nice to meet you!"}]
+    (tmp_path / "my.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ns = run(block_containing("score_dataset(model, tokenizer, \"my.jsonl\""), {})
+    table = ns["table"]
+    assert len(table) == 3 and table["id"] == ["0", "1", "2"]
+    assert {"grad_norm", "gradshield_score", "harmful_similarity_score", "dot_safety"} <= set(table.column_names)
+    assert (tmp_path / "runs" / "score" / "scores.parquet").is_file()
