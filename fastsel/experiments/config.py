@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsel.engine.norms import BACKENDS
 from fastsel.selection import strategies
 
 SELECTION_METHODS = strategies.names(references=False)  # the selection strategies (full: no selection)
@@ -43,6 +42,7 @@ def _limits(**kwargs: Any) -> dict[str, Any]:
 
 
 POSITIVE = _limits(ge=1)
+SELECTION = _limits(checked_by="SelectionOptions")  # the limits of fastsel.training.options, applied in `validate`
 
 
 @dataclass
@@ -71,17 +71,17 @@ class TrainingSpec:
     """Options of every stage's `fastsel.train` call (and of the baselines' regularizers)."""
 
     batch_size: int = field(default=16, metadata=POSITIVE)
-    ratio: float = field(default=0.25, metadata=_limits(gt=0, le=1))
+    ratio: float = field(default=0.25, metadata=SELECTION)
     lr: float = field(default=2e-4, metadata=_limits(gt=0))
     epochs: int = field(default=1, metadata=POSITIVE)
     max_length: int = field(default=192, metadata=_limits(ge=2))
-    loss_band: float | None = field(default=1.0, metadata=_limits(ge=0))
+    loss_band: float | None = field(default=1.0, metadata=SELECTION)
     grad_accum: int = field(default=1, metadata=POSITIVE)
     max_grad_norm: float = field(default=1.0, metadata=_limits(gt=0))
     kl_coef: float = field(default=0.1, metadata=_limits(ge=0))
     ewc_coef: float = field(default=100.0, metadata=_limits(ge=0))
     fisher_rows: int = field(default=32, metadata=POSITIVE)
-    backend: str = field(default="auto", metadata=_limits(choices=BACKENDS))
+    backend: str = field(default="auto", metadata=SELECTION)
 
 
 @dataclass
@@ -371,6 +371,18 @@ def _check_source(label: str, source: str, repo_type: str, problems: _Problems, 
                             f"a hub {repo_type} is written 'owner/name')")
 
 
+def _check_selection(tr: TrainingSpec, problems: _Problems) -> None:
+    """The training section's selection options, checked by the one `SelectionOptions` (same rules and wording
+    as `train`, `selective_backward` and the Trainer integration)."""
+    from fastsel.training.options import SelectionOptions
+
+    try:
+        SelectionOptions(ratio=tr.ratio, loss_band=tr.loss_band, backend=tr.backend)
+    except (ValueError, TypeError) as e:
+        name = next((n for n in ("loss_band", "ratio", "backend") if n in str(e)), "")
+        problems.add(f"training.{name}" if name else "training", str(e))
+
+
 def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     """Checks across keys and against the machine (files, names); appends to `problems`."""
     from fastsel.experiments.data import TASK_NAMES
@@ -402,6 +414,7 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
     if not cfg.seeds:
         problems.add("seeds", "must be a non-empty list of integers >= 0")
     tr = cfg.training
+    _check_selection(tr, problems)
     uses_ratio = any(m in strategies.STRATEGIES and strategies.strategy(m).uses_ratio for m in cfg.methods)
     if uses_ratio and _numbers(tr.ratio, tr.batch_size) \
             and tr.ratio * tr.batch_size < 1:

@@ -109,3 +109,14 @@ def test_online_lookup_with_a_timeout(offline: Path, monkeypatch: pytest.MonkeyP
     for answer in (None, GatedRepoError("401", response=response)):
         monkeypatch.setattr(C, "_hub_lookup", lookup(answer))
         assert validate_config({"model": "tiny-random", **raw}).tasks[0].source == "mydata/gsm8k_local"
+
+
+@pytest.mark.parametrize(("key", "value"), [("ratio", 0), ("ratio", 1.5), ("loss_band", -1.0), ("backend", "cuda")])
+def test_selection_options_are_checked_by_the_one_selection_options(key: str, value: object) -> None:
+    """The training section's ratio, loss_band and backend: SelectionOptions' own rule and words."""
+    from fastsel.training.options import SelectionOptions
+
+    with pytest.raises(ValueError) as expected:
+        SelectionOptions(**{key: value})
+    message = _problems({"training": {key: value}})
+    assert f"training.{key}: {expected.value}" in message
