@@ -32,6 +32,7 @@ _LAZY = {
     "TrainResult": ("fastsel.training.loop", "TrainResult"),
     "CheckpointError": ("fastsel.training.checkpoint", "CheckpointError"),
     "UnreducedGradientError": ("fastsel.training.selective", "UnreducedGradientError"),
+    "SelectiveStep": ("fastsel.training.selective", "SelectiveStep"),
     "score_dataset": ("fastsel.experiments.scoring.run", "score_dataset"),  # needs the [experiments] extra
 }
 

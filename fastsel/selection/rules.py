@@ -56,10 +56,6 @@ class Selection:
     strategy: str
     short_of_candidates: bool = False  # fewer candidates than k: all candidates kept
     note: str = ""
-    local_indices: Tensor | None = None  # this rank's kept rows (selective_backward; = indices without DDP)
-    single_pass: bool | None = None  # how selective_backward formed the gradient
-    pass_reason: str = ""  # why selective_backward took that step (memory budget, options, strategy)
-    token_stats: dict[str, Tensor] | None = None  # selective_backward(token_stats=True): this rank's per-example sums
     scores: Tensor | None = None  # [B] float64 harmfulness scores of the reference strategies (None otherwise)
     threshold: float | None = None  # the largest kept score (reference strategies; None when nothing is kept)
 

@@ -235,9 +235,7 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
         prepared = prepare_for(model, batch)
         losses = forward_losses(model, prepared)[0]
     check_finite(losses, "loss")  # as the norm strategies do: no NaN reaches .grad
-    selection = select_indices(losses, torch.zeros_like(losses), **options)
-    selection.local_indices = selection.indices
-    return selection
+    return select_indices(losses, torch.zeros_like(losses), **options)
 
 
 def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, rows: Tensor,

@@ -16,7 +16,7 @@ allocator's reserved-but-unused bytes count as free), elsewhere the fixed `DEFAU
 torch.distributed every rank must take the same step (under FSDP2 the two-pass step runs collectives), so the
 single pass runs only if the candidates fit on every rank; the reason, the same text on every rank, names the
 tightest rank. 'auto' falls back to the two-pass step when they do not
-fit - recorded on `Selection.pass_reason` and warned once per process - and `single_pass=True` raises.
+fit - recorded on `SelectiveStep.pass_reason` and warned once per process - and `single_pass=True` raises.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the budget on devices other than CUDA 
 CUDA_FREE_FRACTION = 0.5  # share of the free CUDA memory the adaptive budget allows the per-example gradients
 
 FALLBACK_WARNING = ("selective_backward: the per-example gradients of the single-pass step do not fit the memory "
-                    "budget: falling back to the two-pass step (Selection.pass_reason says why, per call)")
+                    "budget: falling back to the two-pass step (SelectiveStep.pass_reason says why, per call)")
 
 
 def default_memory_budget(device: torch.device) -> tuple[int, str]:

@@ -8,7 +8,7 @@ Single pass: the norm pass keeps each example's gradient of the trainable parame
 B*r*(d_in+d_out) per module), and the subset's gradient is their mean over the kept rows: no second forward or
 backward. Two pass: norm pass, then forward+backward of the selected rows. 'auto' takes the single pass when the
 per-example gradients of the rows inside the loss band fit the memory budget, decided between the norm pass's
-forward and backward (fastsel.training.memory); `Selection.pass_reason` says which step ran and why.
+forward and backward (fastsel.training.memory); `SelectiveStep.pass_reason` says which step ran and why.
 
 Reference strategies (`gradshield`, `harmful_similarity`): the same norm pass also measures every example's
 exact dot with the reference gradients (`reference=`), and the strategy's rule keeps examples by those dots.
@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -237,12 +237,22 @@ def _apply(targets: list[Target], summed: list[Tensor | None], kept: int, scale:
         _mark_deferred(params)
 
 
+@dataclass
+class SelectiveStep(Selection):
+    """What `selective_backward` did: the rule's `Selection` plus the step's own state."""
+
+    local_indices: Tensor | None = None  # this rank's kept rows (= indices without DDP / FSDP2)
+    single_pass: bool | None = None  # how the gradient was formed
+    pass_reason: str = ""  # why that step was taken (memory budget, options, strategy)
+    token_stats: dict[str, Tensor] | None = None  # token_stats=True: this rank's per-example sums
+
+
 def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: float = 0.2,
                        strategy: str = DEFAULT, loss_band: float | None = 1.0, single_pass: bool | str = "auto",
                        seed: int | None = None, scale: float = 1.0, backend: str = "auto",
                        memory_budget_bytes: int | None = None, sync: bool = True,
                        token_stats: bool = False, reference: ReferenceLike | None = None,
-                       gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> Selection:
+                       gradshield_budget: float = 0.0, gradshield_rule: GradShieldRule | None = None) -> SelectiveStep:
     """Select examples of `batch` (Algorithm 1) and accumulate into `.grad` the gradient of their mean loss.
 
     `batch`: padded or packed (one example per sequence; the two-pass step packs the selected sequences into one
@@ -250,7 +260,7 @@ def selective_backward(batch: Mapping[str, Tensor], model: nn.Module, *, ratio: 
     under DDP / FSDP2; `local_indices` are this rank's examples; `single_pass` and `pass_reason`: which step ran
     and why). Strategies 'full' and 'random' need no norms: one forward and one backward of the kept examples'
     losses. `token_stats` puts this rank's per-example token statistics (`fastsel.engine.losses.token_statistics`,
-    and `length`: sequence lengths) on `Selection.token_stats`.
+    and `length`: sequence lengths) on `SelectiveStep.token_stats`.
 
     `single_pass`: 'auto' takes the single pass when the per-example gradients of the examples inside the loss band
     fit `memory_budget_bytes` (None: adaptive, fastsel.training.memory), else the two-pass step (warned once);
@@ -344,7 +354,7 @@ def _measure(prepared: Mapping[str, Any], model: nn.Module, targets: list[Target
 
 def _select_globally(measured: _Measured, *, ratio: float, strategy: str, loss_band: float | None,
                      seed: int | None, gradshield_budget: float, gradshield_rule: GradShieldRule | None
-                     ) -> tuple[Selection, Tensor]:
+                     ) -> tuple[SelectiveStep, Tensor]:
     """Algorithm 1 over every rank's examples (gathered); returns the Selection and this rank's kept rows."""
     all_losses, offset = distributed.gather_rows(measured.losses)
     all_norms, _ = distributed.gather_rows(measured.norms)
@@ -360,8 +370,8 @@ def _select_globally(measured: _Measured, *, ratio: float, strategy: str, loss_b
                                dots=all_dots, gradshield_budget=gradshield_budget, gradshield_rule=gradshield_rule)
     count = measured.losses.numel()
     local = selection.indices[(selection.indices >= offset) & (selection.indices < offset + count)] - offset
-    selection.local_indices = local
-    return selection, local
+    step = SelectiveStep(**{f.name: getattr(selection, f.name) for f in fields(selection)}, local_indices=local)
+    return step, local
 
 
 def _summed_grads(measured: _Measured, prepared: Mapping[str, Any], model: nn.Module, targets: list[Target],

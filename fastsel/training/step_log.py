@@ -38,7 +38,7 @@ class StepTally:
         """One micro-batch's selection; `ids` per example (None: not tracked)."""
         mask, losses = selection.mask.tolist(), selection.losses.tolist()
         self.in_band += int(selection.candidates.sum())
-        self.passes.append(selection.pass_reason or "selection, then one forward+backward of the kept rows with "
+        self.passes.append(getattr(selection, "pass_reason", "") or "selection, then one forward+backward of the kept rows with "
                                                     "the regularizers")
         if ids is None:
             self.ids_known = False
