@@ -16,30 +16,22 @@ vector summed over the example's tokens (a bias).
 
 Module inputs and output-gradients arrive per row ([R, N, ...]); the batch's `Segments` say which tokens form which
 example: one row each (padded) or a segment of a row (packed, where every sum over t runs over the segment's tokens).
-The Linear functions handed in (`LinearSqNorms`, `LinearGrads`) are already bound to those segments.
+The backend's math handed in (`engine.backends`: torch or Triton) is already bound to those segments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from fastsel.engine import dot_math, linear_math
+from fastsel.engine import dot_math
+from fastsel.engine.backends import TorchMath
 from fastsel.engine.segments import Segments
 from fastsel.engine.sites import Factors
 
 # Largest per-example gradient buffer (bytes) a parameter may instantiate when it is fed by several calls.
 INSTANTIATE_BUDGET_BYTES = 256 * 2**20
 
-LinearSqNorms = Callable[[Tensor, Tensor], Tensor]
-GroupedSqNorms = Callable[[list[Tensor], list[Tensor]], Tensor]
-LinearGrads = Callable[[Tensor, Tensor], Tensor]  # (input, output-grad) -> per-example gradients [B, out, in]
-# (input, output-grad, references [K, out, in]) -> (squared norms [B], dots [B, K]) of a direct Linear site
-LinearSqNormsDots = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-LinearDots = Callable[[Tensor, Tensor, Tensor], Tensor]  # (input, output-grad, references) -> dots [B, K]
-GroupedSqNormsDots = Callable[[list[Tensor], list[Tensor], list[Tensor]], tuple[Tensor, Tensor]]
 
 
 def as_sequence(t: Tensor, batch_size: int, what: str) -> Tensor:
@@ -85,20 +77,17 @@ def segment_mixed_gram_sq_norms(sites: list[tuple[Tensor, Tensor]], segments: Se
                       for r, s, e in segments.spans])
 
 
-def resolve_deferred(accumulators: list[ParamAccumulator], grouped_sq_norms: GroupedSqNorms,
-                     grouped_sq_norms_dots: GroupedSqNormsDots | None = None) -> None:
-    """Launch all deferred direct Linear sites at once (grouped by shape inside `grouped_sq_norms`; sites with
-    references through `grouped_sq_norms_dots`, which also returns their dots)."""
+def resolve_deferred(accumulators: list[ParamAccumulator], math: TorchMath) -> None:
+    """Launch all deferred direct Linear sites at once (grouped by shape inside `math.grouped_sq_norms`; sites with
+    references through `math.grouped_sq_norms_dots`, which also returns their dots)."""
     waiting = [acc for acc in accumulators if acc.deferred is not None and acc.refs is None]
     if waiting:
-        results = grouped_sq_norms([acc.deferred[0] for acc in waiting], [acc.deferred[1] for acc in waiting])
+        results = math.grouped_sq_norms([acc.deferred[0] for acc in waiting], [acc.deferred[1] for acc in waiting])
         for acc, sq in zip(waiting, results, strict=True):
             acc.sq, acc.deferred = sq, None
     with_refs = [acc for acc in accumulators if acc.deferred is not None]
     if with_refs:
-        if grouped_sq_norms_dots is None:
-            raise RuntimeError("internal error: deferred sites with references but no grouped dot function")
-        sqs, dots = grouped_sq_norms_dots([acc.deferred[0] for acc in with_refs],
+        sqs, dots = math.grouped_sq_norms_dots([acc.deferred[0] for acc in with_refs],
                                           [acc.deferred[1] for acc in with_refs], [acc.refs for acc in with_refs])
         for acc, sq, dot in zip(with_refs, sqs, dots, strict=True):
             acc.sq, acc.deferred = sq, None
@@ -125,26 +114,20 @@ class ParamAccumulator:
     """Exact per-example squared gradient norm of one parameter from its module-call contributions."""
 
     def __init__(self, shape: tuple[int, ...], segments: Segments, expected_calls: int, keep_grads: bool,
-                 linear_sq_norms: LinearSqNorms, defer: bool = False,
-                 linear_grads: LinearGrads = linear_math.per_example_grads, refs: Tensor | None = None,
-                 linear_sq_norms_dots: LinearSqNormsDots = dot_math.sq_norms_and_dots,
-                 linear_dots: LinearDots = dot_math.linear_dots) -> None:
+                 math: TorchMath, refs: Tensor | None = None) -> None:
         self.shape = shape
         self.segments = segments
         self.batch_size = segments.num_rows  # rows of the module inputs; examples: len(segments)
         self.direct = expected_calls == 1 and not keep_grads
         self.keep_grads = keep_grads
-        self.linear_sq_norms = linear_sq_norms
-        self.linear_grads = linear_grads
+        self.math = math  # the backend's per-site math (engine.backends)
         self.calls = 0
-        self.defer = defer  # direct Linear sites kept for one grouped launch after backward
+        self.defer = math.groups  # direct Linear sites kept for one grouped launch after backward
         self.deferred: tuple[Tensor, Tensor] | None = None  # (input, output-grad) awaiting that launch
         self.sq: Tensor | None = None  # direct mode result
         self.grads: Tensor | None = None  # summed per-example gradients [B, *shape] (fp32)
         self.sites: list[tuple[Tensor, Tensor]] = []  # kept (a, b) factors for the mixed Gram form
         self.refs = refs  # [K, *shape] fp32 reference gradients (dot pass), or None
-        self.linear_sq_norms_dots = linear_sq_norms_dots
-        self.linear_dots = linear_dots
         self.dots_sum: Tensor | None = None  # [B, K] dots of the calls not kept as per-example gradients
         numel = 1
         for s in shape:
@@ -165,7 +148,7 @@ class ParamAccumulator:
     def _call_dots(self, a: Tensor, b: Tensor) -> Tensor:
         """This call's <G_i, R_k> [B, K] without its per-example gradient (factors as in `add`)."""
         if a.dtype.is_floating_point:
-            return self.linear_dots(b, a, self.refs)
+            return self.math.dots(b, a, self.refs)
         return dot_math.reduce_tokens(dot_math.embedding_token_dots(a, b, self.refs), self.segments)
 
     def add(self, factors: Factors) -> None:
@@ -185,16 +168,16 @@ class ParamAccumulator:
         if self.direct and dense and self.defer:
             self.deferred = (b, a)
         elif self.direct and dense and self.refs is not None:
-            self.sq, dots = self.linear_sq_norms_dots(b, a, self.refs)
+            self.sq, dots = self.math.sq_norms_and_dots(b, a, self.refs)
             self._add_dots(dots)
         elif self.direct and dense:
-            self.sq = self.linear_sq_norms(b, a)
+            self.sq = self.math.sq_norms(b, a)
         elif self.direct and not self.instantiate_ok:
             self.sq = self._mixed_gram([(a, b)])
             if self.refs is not None:
                 self._add_dots(self._call_dots(a, b))
         elif self.instantiate_ok:  # dots, if any, from the summed gradients in `dots()`
-            self._add_grads(self.linear_grads(b, a) if dense else embedding_grads(a, b, self.shape[0], self.segments))
+            self._add_grads(self.math.grads(b, a) if dense else embedding_grads(a, b, self.shape[0], self.segments))
         else:
             self.sites.append((a, b))
             if self.refs is not None:

@@ -20,18 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsel.engine import dot_math, kernel_selftest, linear_math
+from fastsel.engine import dot_math
 from fastsel.engine.accumulate import (
-    GroupedSqNorms,
-    GroupedSqNormsDots,
-    LinearDots,
-    LinearGrads,
-    LinearSqNorms,
-    LinearSqNormsDots,
     ParamAccumulator,
     RowSplit,
     resolve_deferred,
 )
+from fastsel.engine.backends import TorchMath, math_for
 from fastsel.engine.capture import Capture
 from fastsel.engine.losses import check_finite
 from fastsel.engine.model_io import forward_losses, in_layout, model_device, prepare_for
@@ -95,133 +90,6 @@ def resolve_backend(backend: str, model: nn.Module) -> str:
     from fastsel import kernels
 
     return "triton" if model_device(model).type == "cuda" and kernels.available() else "torch"
-
-
-def _torch_fns(segments: Segments) -> tuple[LinearSqNorms, LinearGrads]:
-    """The torch math's per-site squared-norm and per-example gradient functions for the batch's examples."""
-    if not segments.packed:
-        return linear_math.sq_norms, linear_math.per_example_grads
-    return (lambda x, d: linear_math.segment_sq_norms(x, d, segments),
-            lambda x, d: linear_math.segment_grads(x, d, segments))
-
-
-def _linear_fns(backend: str, segments: Segments, *, strict: bool = True,
-                ) -> tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads]:
-    """The backend's per-site and grouped squared-norm functions (grouped only for triton) and its per-example
-    gradient function (the single-pass step keeps those), bound to the batch's examples.
-
-    Triton: each kernel family is used only once it passed its first-use self-test on the tensors' device and
-    dtypes (`kernel_selftest.usable`); a family that failed falls back to the torch math (`strict` False, i.e.
-    backend 'auto') or raises KernelSelfTestError (`strict`, an explicit backend='triton'). Packed batches use the
-    segment families ('segment_instantiate', 'segment_gram', ...), whose self-test covers several segments per row.
-    """
-    torch_sq, torch_grads = _torch_fns(segments)
-    if backend != "triton":
-        return torch_sq, None, torch_grads
-    from fastsel import kernels
-
-    if not kernels.available():
-        raise RuntimeError(
-            "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); use backend='torch'"
-        )
-    seq_len = segments.width
-    ranges = segments.ranges
-    # the longest example bounds the Gram grid and decides the form (padded: the row width, known without a sync)
-    length = segments.max_length if segments.packed else None
-
-    def ranged(t: int) -> Tensor | None:  # the segments apply only to sites over the batch's tokens
-        return ranges if t == seq_len else None
-
-    def longest(t: int) -> int | None:
-        return length if t == seq_len else None
-
-    def family(name: str) -> str:  # packed rows: the segment variant, self-tested with several examples per row
-        return f"segment_{name}" if segments.packed else name
-
-    def usable(name: str, x: Tensor, delta: Tensor) -> bool:
-        return kernel_selftest.usable(family(name), x.device, x.dtype, delta.dtype, strict=strict)
-
-    def method_of(x: Tensor, delta: Tensor) -> str:  # the kernels' own choice (packed: by the longest example)
-        t = x.shape[1]
-        return kernels.choose_method(longest(t) or t, delta.shape[2], x.shape[2])
-
-    def per_site(x: Tensor, delta: Tensor) -> Tensor:
-        t = x.shape[1]
-        method = method_of(x, delta)
-        if not usable(method, x, delta):
-            return torch_sq(x, delta) if segments.packed else linear_math.sq_norms(x, delta, method)
-        return kernels.linear_sq_norms(x, delta, method=method, segments=ranged(t), max_length=longest(t))[0]
-
-    def grouped(xs: list[Tensor], deltas: list[Tensor]) -> Tensor:
-        if len({x.shape[1] for x in xs}) != 1 or not all(
-                usable("grouped", x, d) and usable(method_of(x, d), x, d) for x, d in zip(xs, deltas, strict=True)):
-            return torch.stack([per_site(x, d) for x, d in zip(xs, deltas, strict=True)])
-        t = xs[0].shape[1]
-        return kernels.grouped_linear_sq_norms(xs, deltas, segments=ranged(t), max_length=longest(t))
-
-    def grads(x: Tensor, delta: Tensor) -> Tensor:
-        if not usable("write_grads", x, delta):
-            return torch_grads(x, delta)
-        return kernels.linear_sq_norms(x, delta, method="instantiate", write_grads=True,
-                                       segments=ranged(x.shape[1]))[1]
-
-    return per_site, grouped, grads
-
-
-DotFns = tuple[LinearSqNormsDots, "GroupedSqNormsDots | None", LinearDots]
-
-
-def _torch_dot_fns(segments: Segments) -> tuple[LinearSqNormsDots, LinearDots]:
-    """The torch math's fused (norms and dots) and plain dot functions for the batch's examples."""
-    if not segments.packed:
-        return dot_math.sq_norms_and_dots, dot_math.linear_dots
-    return (lambda x, d, r: dot_math.sq_norms_and_dots(x, d, r, segments=segments),
-            lambda x, d, r: dot_math.linear_dots(x, d, r, segments))
-
-
-def _dot_fns(backend: str, segments: Segments, *, strict: bool = True) -> DotFns:
-    """The backend's direct-site (norms and dots), grouped (triton only) and plain Linear dot functions, bound to
-    the batch's examples. Triton: the 'dots' / 'grouped_dots' families ('segment_*' on packed batches) only once
-    their first-use self-test passed, else the torch math (or KernelSelfTestError when `strict`)."""
-    torch_fused, torch_dots = _torch_dot_fns(segments)
-    if backend != "triton":
-        return torch_fused, None, torch_dots
-    from fastsel import kernels
-
-    seq_len = segments.width
-    ranges = segments.ranges
-    length = segments.max_length if segments.packed else None
-
-    def ranged(t: int) -> Tensor | None:
-        return ranges if t == seq_len else None
-
-    def longest(t: int) -> int | None:
-        return length if t == seq_len else None
-
-    def usable(name: str, x: Tensor, delta: Tensor) -> bool:
-        family = f"segment_{name}" if segments.packed else name
-        return kernel_selftest.usable(family, x.device, x.dtype, delta.dtype, strict=strict)
-
-    def per_site(x: Tensor, delta: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
-        if not usable("dots", x, delta):
-            return torch_fused(x, delta, refs)
-        t = x.shape[1]
-        return kernels.linear_sq_norms_dots(x, delta, refs, segments=ranged(t), max_length=longest(t))
-
-    def grouped(xs: list[Tensor], deltas: list[Tensor], refs: list[Tensor]) -> tuple[Tensor, Tensor]:
-        if len({x.shape[1] for x in xs}) != 1 or not all(
-                usable("grouped_dots", x, d) for x, d in zip(xs, deltas, strict=True)):
-            parts = [per_site(x, d, r) for x, d, r in zip(xs, deltas, refs, strict=True)]
-            return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-        t = xs[0].shape[1]
-        return kernels.grouped_linear_sq_norms_dots(xs, deltas, refs, segments=ranged(t), max_length=longest(t))
-
-    def dots(x: Tensor, delta: Tensor, refs: Tensor) -> Tensor:
-        if not usable("dots", x, delta):
-            return torch_dots(x, delta, refs)
-        return kernels.linear_dots(x, delta, refs, segments=ranged(x.shape[1]))
-
-    return per_site, grouped, dots
 
 
 def backward_keeping_grads(total: Tensor, model: nn.Module, params: list[Tensor],
@@ -314,13 +182,12 @@ def batched_norm_pass(batch: Mapping[str, Tensor], model: nn.Module, targets: li
         grad_rows = None if keep_rows is None else keep_rows(losses.detach())
         plan = _KeepPlan(len(segments), keep_grads, grad_rows, losses.device)
         accumulators.update(_accumulators(plan, prepared, targets, capture, refs,
-                                          lambda seg: (_linear_fns(backend, seg, strict=strict),
-                                                       _dot_fns(backend, seg, strict=strict))))
+                                          lambda seg: math_for(backend, seg, strict=strict)))
         batch_grads = backward_to_hooks(losses.sum(), model, capture, [t.param for t in targets], recorded)
     check_finite(losses.detach(), "loss")  # after backward: no host sync between forward and backward
-    for group, (linear_fns, dot_fns) in plan.groups:
-        if linear_fns[1] is not None:
-            resolve_deferred(group, linear_fns[1], dot_fns[1])
+    for group, math in plan.groups:
+        if math.groups:
+            resolve_deferred(group, math)
     sq_norms, kept, dots = _collect(plan, targets, accumulators, batch_grads, references)
     result = NormPass(losses.detach(), sq_norms, backend, per_example_grads=kept,
                       grad_rows=None if plan.keep_all else plan.grad_rows, token_stats=stats,
@@ -339,19 +206,19 @@ class _KeepPlan:
         self.grad_rows = grad_rows.to(device) if self.split else grad_rows
         self.keeping = self.keep_all or grad_rows is not None  # an empty plan keeps gradients of no row
         self.n_kept = batch_size if self.keep_all else (0 if grad_rows is None else grad_rows.numel())
-        self.groups: list[tuple[list[ParamAccumulator], tuple]] = []
+        self.groups: list[tuple[list[ParamAccumulator], TorchMath]] = []
 
 
 def _accumulators(plan: _KeepPlan, prepared: Mapping[str, Any], targets: list[Target], capture: Capture,
-                  refs: Mapping[str, Tensor], fns_for: Callable[[Segments], tuple]) -> dict[str, Any]:
+                  refs: Mapping[str, Tensor], math_of: Callable[[Segments], TorchMath]) -> dict[str, Any]:
     """One accumulator per target (a RowSplit of two when only some examples' gradients are kept)."""
     segments: Segments = prepared["segments"]
     calls = {t.name: sum(capture.forward_calls[module] for _, module, _ in t.owners) for t in targets}
     if not plan.split:
-        fns = fns_for(segments)
-        out = {t.name: _accumulator(t, segments, calls[t.name], plan.keep_all, *fns, refs.get(t.name))
+        math = math_of(segments)
+        out = {t.name: ParamAccumulator(t.shape, segments, calls[t.name], plan.keep_all, math, refs.get(t.name))
                for t in targets}
-        plan.groups = [(list(out.values()), fns)]
+        plan.groups = [(list(out.values()), math)]
         return out
     rest = torch.ones(plan.batch_size, dtype=torch.bool, device=plan.grad_rows.device)
     rest[plan.grad_rows] = False
@@ -361,12 +228,12 @@ def _accumulators(plan: _KeepPlan, prepared: Mapping[str, Any], targets: list[Ta
     else:  # by row: each half sees its own rows
         mask = prepared["attention_mask"]
         keep_seg, rest_seg = Segments.one_per_row(mask[plan.grad_rows]), Segments.one_per_row(mask[rest_rows])
-    keep_fns, rest_fns = fns_for(keep_seg), fns_for(rest_seg)
+    keep_math, rest_math = math_of(keep_seg), math_of(rest_seg)
     out = {t.name: RowSplit(plan.grad_rows, rest_rows,
-                            _accumulator(t, keep_seg, calls[t.name], True, *keep_fns, refs.get(t.name)),
-                            _accumulator(t, rest_seg, calls[t.name], False, *rest_fns, refs.get(t.name)),
+                            ParamAccumulator(t.shape, keep_seg, calls[t.name], True, keep_math, refs.get(t.name)),
+                            ParamAccumulator(t.shape, rest_seg, calls[t.name], False, rest_math, refs.get(t.name)),
                             by_row=not segments.packed) for t in targets}
-    plan.groups = [([a.kept for a in out.values()], keep_fns), ([a.others for a in out.values()], rest_fns)]
+    plan.groups = [([a.kept for a in out.values()], keep_math), ([a.others for a in out.values()], rest_math)]
     return out
 
 
@@ -404,15 +271,6 @@ def _with_references(result: NormPass, references: References | None) -> NormPas
         result.reference_sq_norms = references.sq_norms
         result.single_reference = references.single
     return result
-
-
-def _accumulator(target: Target, segments: Segments, calls: int, keep_grads: bool,
-                 fns: tuple[LinearSqNorms, GroupedSqNorms | None, LinearGrads], dot_fns: DotFns,
-                 refs: Tensor | None) -> ParamAccumulator:
-    linear_fn, grouped_fn, grads_fn = fns
-    fused_fn, _, dots_fn = dot_fns
-    return ParamAccumulator(target.shape, segments, calls, keep_grads, linear_fn, defer=grouped_fn is not None,
-                            linear_grads=grads_fn, refs=refs, linear_sq_norms_dots=fused_fn, linear_dots=dots_fn)
 
 
 def _token_counts(segments: Segments) -> Tensor:
