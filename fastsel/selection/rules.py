@@ -52,7 +52,7 @@ class Selection:
     losses: Tensor  # [B] fp32
     candidates: Tensor  # bool [B]
     median: float  # median gradient norm over the candidates (NaN when there is none)
-    k: int  # requested number of kept examples
+    k: int  # how many the rule keeps: max(1, floor(ratio B)) for the ratio rules; gradshield: its safe set's size
     strategy: str
     short_of_candidates: bool = False  # fewer candidates than k: all candidates kept
     note: str = ""
