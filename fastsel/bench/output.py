@@ -49,6 +49,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def read_report(report: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
+    """A report as given, or read from its JSON file (the table renderers take either)."""
+    return report if isinstance(report, Mapping) else json.loads(Path(report).read_text())
+
+
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
     """Write `<out_dir>/<device>-<yyyymmdd>.json` and return its path."""
     out = Path(out_dir)

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import resource
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastsel.bench.output import device_name, slug, versions, write_report
+from fastsel.bench.output import device_name, read_report, slug, versions, write_report
 
 TARGET = 0.9  # score throughput / plain packed throughput
 
@@ -91,8 +89,7 @@ def _report(args: argparse.Namespace, rows: list[Any], plan: Any, times: dict[st
 
 def markdown_table(report: Mapping[str, Any] | str | os.PathLike[str]) -> str:
     """The table of a report (or of its JSON file)."""
-    if not isinstance(report, Mapping):
-        report = json.loads(Path(report).read_text())
+    report = read_report(report)
     m = report["methods"]
     ratio = report["score_over_plain_packed_throughput"]
     lines = [f"**{report['device_name']}** ({report['threads']} threads, {report['date']}), {report['model']}, "

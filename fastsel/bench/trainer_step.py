@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import os
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastsel.bench.output import device_name, fmt_ratio, slug, versions, write_report
+from fastsel.bench.output import device_name, fmt_ratio, read_report, slug, versions, write_report
 
 TARGET = 1.15  # selective step / plain step, TRL defaults, CPU
 LAYOUTS = {"padded": False, "padding_free": True}
@@ -95,8 +93,7 @@ def run_layout(base: nn.Module, tokenizer: Any, dataset: Any, out: str, padding_
 
 def markdown_table(report: Mapping[str, Any] | str | os.PathLike[str]) -> str:
     """The table of a report (or of its JSON file)."""
-    if not isinstance(report, Mapping):
-        report = json.loads(Path(report).read_text())
+    report = read_report(report)
     lines = [f"**{report['device_name']}** ({report['threads']} threads), {report['date']}; trl {report['versions'].get('trl')}, "
              f"transformers {report['versions']['transformers']}. {report['model']}, {report['examples']} examples, "
              f"batch {report['batch']}, median of 2 x {report['rounds'] - 1} steps (two runs each, after a warm-up "

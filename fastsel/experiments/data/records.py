@@ -12,6 +12,7 @@ errors a user needs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -98,15 +99,25 @@ def _read_with_datasets(path: str, fmt: str) -> Any:
         options.update(features=datasets.Features({name: datasets.Value("string") for name in header}),
                        keep_default_na=False, na_filter=False)
     reader = datasets.Dataset.from_csv if fmt == "csv" else datasets.Dataset.from_parquet
-    progress = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
     try:
-        return reader(path, **options)
+        with quiet_datasets():
+            return reader(path, **options)
     except Exception as e:  # noqa: BLE001 - pandas / pyarrow parse errors name the line; keep their message
         raise DataError(f"{path}: unreadable {fmt.upper()} file: {_first_line(e)}") from e
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets' per-file progress bars off inside the block (restored after): a file read or written in passing."""
+    from datasets.utils import logging as datasets_logging
+
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
     finally:
-        if progress:
-            datasets.utils.logging.enable_progress_bar()
+        if shown:
+            datasets_logging.enable_progress_bar()
 
 
 def _first_line(e: BaseException) -> str:

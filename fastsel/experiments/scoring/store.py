@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastsel.experiments.data.records import quiet_datasets
 from fastsel.utils import fsync_path, write_json_safe
 
 MANIFEST = "manifest.json"
@@ -84,16 +85,9 @@ class ChunkStore:
 def _write_parquet(table: Any, path: Path) -> None:
     """A datasets.Dataset to `path` through a temporary file and `os.replace` (a kill leaves no partial file);
     datasets' per-file progress bar stays off (the scoring bar is the one that counts)."""
-    from datasets.utils import logging as datasets_logging
-
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shown = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()
-    try:
+    with quiet_datasets():
         table.to_parquet(str(tmp))
-    finally:
-        if shown:
-            datasets_logging.enable_progress_bar()
     os.replace(tmp, path)
     fsync_path(path.parent)
 
