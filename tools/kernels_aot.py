@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 import triton
 
 from fastsel.kernels.launch import Launch
+from fastsel.kernels.spec import AotSite
 
 # Largest shared memory one block may use (opt-in), bytes, and the register file of one SM.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -43,26 +44,7 @@ REGISTERS_PER_SM = 65536
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class Site:
-    """One Linear site as the launchers see it: x [B, T, n], delta [B, T, m], dtypes, and what is asked.
-
-    `segments` > 0: a packed batch, that many (row, start, end) sequences of at most `max_length` tokens over the
-    B rows (the launch then has one program row per sequence); 0: one example per row (`has_range`: its valid
-    tokens)."""
-
-    label: str
-    t: int
-    m: int
-    n: int
-    x_dtype: str = "float32"
-    delta_dtype: str = "float32"
-    method: str = "auto"
-    has_range: bool = True
-    write_grads: bool = False
-    segments: int = 0
-    max_length: int | None = None
-    dots: int = 0  # K > 0: the dot launch of the site with K references (method 'instantiate' or 'project')
+Site = AotSite  # one launch site (declared in fastsel.kernels.spec, where the kernel files use it)
 
 
 def site_launch(site: Site, batch: int = 2) -> Launch:
@@ -232,26 +214,10 @@ def lora_sites(model: str, hidden: int, outs: Iterable[int], ranks: Iterable[int
 
 def default_sites(quick: bool = False) -> list[Site]:
     """The sweep: LoRA sites of SmolLM2-135M and a 7B Llama, full fine-tuning (Gram) and T == 1 sites."""
-    if quick:  # one of each kernel and the widest tiles: what CI compiles
-        return [
-            Site("7b lora_A r=128 T=512 fp32", 512, 128, 4096),
-            Site("7b lora_B r=16 T=512 bf16", 512, 11008, 16, "bfloat16", "bfloat16"),
-            Site("smollm2 lora_A single-pass r=64 T=64 bf16", 64, 64, 576, "bfloat16", "bfloat16", write_grads=True),
-            Site("smollm2 full q_proj T=128 bf16 (gram)", 128, 576, 576, "bfloat16", "bfloat16"),
-            Site("7b full o_proj T=512 fp32 (gram)", 512, 4096, 4096),
-            Site("T=1 head", 1, 576, 576, has_range=False),
-            Site("smollm2 packed lora_A 16 seqs in 4096 tokens bf16", 4096, 16, 576, "bfloat16", "bfloat16",
-                 segments=16, max_length=512),
-            Site("smollm2 packed full q_proj 16 seqs <= 96 tokens (gram)", 1024, 576, 576, "bfloat16", "bfloat16",
-                 "gram", segments=16, max_length=96),
-            Site("7b dots lora_B r=16 T=512 bf16 K=2", 512, 11008, 16, "bfloat16", "bfloat16", "instantiate",
-                 dots=2),
-            Site("smollm2 dots lora_A r=64 T=128 fp32 K=1", 128, 64, 576, method="instantiate", dots=1),
-            Site("7b dots full o_proj T=512 bf16 K=2 (project)", 512, 4096, 4096, "bfloat16", "bfloat16",
-                 "project", dots=2),
-            Site("smollm2 packed dots lora_A r=16 bf16 K=2", 4096, 16, 576, "bfloat16", "bfloat16", "instantiate",
-                 segments=16, max_length=512, dots=2),
-        ]
+    if quick:  # the launch sites each kernel family declares in its kernel file (its spec): what CI compiles
+        from fastsel.kernels import specs
+
+        return [site for spec in specs().values() for site in spec.aot_sites]
     dtypes = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32")]
     sites = list(lora_sites("smollm2", 576, (576, 192, 1536), (1, 16, 32, 64, 128), (16, 32, 512), dtypes))
     sites += lora_sites("7b", 4096, (4096, 11008), (16, 64, 128), (512,), dtypes[:2], write_grads=False)

@@ -8,6 +8,11 @@ One op per file, Liger-Kernel style, kernel and launcher side by side:
 - `linear_dot.py`: per-example gradient dots <G_i, R_k> with reference gradients (fused with the instantiate
   norm, or the per-token delta^T R x contraction), per site and grouped.
 
+Each of those files ends with its `SPECS`: one `spec.KernelSpec` per kernel family it provides (the launcher, a
+self-test case against the naive torch reference of `reference.py`, and its ahead-of-time launch sites).
+`specs()` collects them: the first-use self-test (`fastsel.engine.kernel_selftest`) and the compile sweep
+(`tools/kernels_aot.py`) iterate them, so a new family is declared once, in its kernel file.
+
 Every kernel reduces over examples given as token segments (row, start, end) of the rows: one per row (padded), or
 several per row (packed, padding-free rows; `segments` or `cu_seqlens`), so packed batches need no padding.
 
@@ -27,7 +32,7 @@ import torch
 
 from .cost import choose_method
 
-__all__ = ["available", "choose_method", "grouped_linear_sq_norms", "grouped_linear_sq_norms_dots", "installed",
+__all__ = ["available", "choose_method", "specs", "grouped_linear_sq_norms", "grouped_linear_sq_norms_dots", "installed",
            "interpreted", "linear_dots", "linear_sq_norms", "linear_sq_norms_dots", "segments_from_cu_seqlens"]
 
 _TRITON_OK: bool | None = None
@@ -69,6 +74,20 @@ def _module(name: str) -> ModuleType:
     import importlib
 
     return importlib.import_module(f"{__name__}.{name}")
+
+
+_SPEC_MODULES = ("linear_norm", "gram_norm", "grouped", "linear_dot")  # the files that declare kernel families
+
+
+def specs() -> dict[str, Any]:
+    """Every kernel family's `KernelSpec` by family name, from the kernel files' `SPECS` (imports them)."""
+    found: dict[str, Any] = {}
+    for name in _SPEC_MODULES:
+        for spec in _module(name).SPECS:
+            if spec.family in found:
+                raise RuntimeError(f"kernel family {spec.family!r} is declared twice (fastsel.kernels.{name})")
+            found[spec.family] = spec
+    return found
 
 
 # Public kernel entry points, forwarded lazily to the module that defines them (whose docstrings are theirs):

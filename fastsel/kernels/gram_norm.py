@@ -18,6 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import Launch, site_args
+from .reference import PACKED_SPANS, Case, compare, example_grads, grad_sq_norms, ops, padded_spans
+from .spec import AotSite, KernelSpec
 from .token_range import dot_acc, load_tile, segment_range
 
 
@@ -108,4 +110,30 @@ def gram_launch(
                   constexprs, warps)
 
 
-__all__ = ["gram_blocks", "gram_launch"]
+# ------------------------------------------------------------------ self-test cases and the specs of this file
+
+def _check_gram(case: Case) -> None:
+    """Gram form over several token blocks (off-diagonal pairs counted twice), ranges."""
+    x, d = case.inputs(3, 40, 48, 40, seed=2)
+    bounds = ((0, 40), (9, 40), (0, 17))
+    got, _ = ops().linear_sq_norms(x, d, method="gram", valid_range=case.ranges(bounds))
+    compare("gram", got, grad_sq_norms(example_grads(x, d, padded_spans(bounds))))
+
+
+def _check_segment_gram(case: Case) -> None:
+    """Packed segments, Gram form over several token blocks (a segment starting inside a block)."""
+    x, d = case.inputs(3, 21, 48, 40, seed=22)
+    got, _ = ops().linear_sq_norms(x, d, method="gram", segments=case.segments(), max_length=21)
+    compare("segment_gram", got, grad_sq_norms(example_grads(x, d, PACKED_SPANS)))
+
+
+SPECS = (
+    KernelSpec("gram", "linear_sq_norms", _check_gram, (
+        AotSite("smollm2 full q_proj T=128 bf16 (gram)", 128, 576, 576, "bfloat16", "bfloat16"),
+        AotSite("7b full o_proj T=512 fp32 (gram)", 512, 4096, 4096))),
+    KernelSpec("segment_gram", "linear_sq_norms", _check_segment_gram, (
+        AotSite("smollm2 packed full q_proj 16 seqs <= 96 tokens (gram)", 1024, 576, 576, "bfloat16", "bfloat16",
+                "gram", segments=16, max_length=96),)),
+)
+
+__all__ = ["SPECS", "gram_blocks", "gram_launch"]

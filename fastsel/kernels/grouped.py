@@ -14,11 +14,14 @@ the sites stacked can pass one [G, B, T, n] tensor (and [G, B, T, m]): a contigu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from .linear_norm import _prepare_ranges, linear_sq_norms
+from .reference import PACKED_SPANS, Case, compare, example_grads, grad_sq_norms, ops, padded_spans
+from .spec import KernelSpec
 
 
 def _repeat_segments(ranges: Tensor | None, g: int, bsz: int) -> Tensor | None:
@@ -98,4 +101,26 @@ def grouped_linear_sq_norms(
     return out
 
 
-__all__ = ["grouped_linear_sq_norms"]
+# ------------------------------------------------------------------ self-test cases and the specs of this file
+_SHAPES = ((24, 4), (24, 4), (4, 40))  # (n, m): two same-shape sites (one launch) and a third shape
+
+
+def _check_grouped(case: Case, packed: bool = False) -> None:
+    """One launch for two same-shape sites plus one for a third shape, per-site results in order."""
+    t, bounds = (21, None) if packed else (19, ((0, 19), (5, 19), (0, 11)))
+    pairs = [case.inputs(3, t, n, m, seed=(30 if packed else 10) + i) for i, (n, m) in enumerate(_SHAPES)]
+    where = (dict(segments=case.segments(), max_length=21) if packed
+             else dict(valid_range=case.ranges(bounds)))
+    got = ops().grouped_linear_sq_norms([x for x, _ in pairs], [d for _, d in pairs], **where)
+    spans = PACKED_SPANS if packed else padded_spans(bounds)
+    ref = torch.stack([grad_sq_norms(example_grads(x, d, spans)) for x, d in pairs])
+    compare("segment_grouped" if packed else "grouped", got, ref)
+
+
+# the grouped launch is the instantiate / Gram kernels' own launch over stacked sites: no AOT site of its own
+SPECS = (
+    KernelSpec("grouped", "grouped_linear_sq_norms", _check_grouped),
+    KernelSpec("segment_grouped", "grouped_linear_sq_norms", partial(_check_grouped, packed=True)),
+)
+
+__all__ = ["SPECS", "grouped_linear_sq_norms"]

@@ -24,6 +24,7 @@ the shared `token_range.segment_range`; the kernels start with the norms' argume
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import triton
@@ -35,6 +36,8 @@ from .gram_norm import gram_launch
 from .grouped import _repeat_segments
 from .launch import Launch, site_args
 from .linear_norm import _check_inputs, _native_dot, _prepare_ranges, instantiate_setup, outer_launch
+from .reference import PACKED_SPANS, Case, compare, example_grads, grad_dots, grad_sq_norms, ops, padded_spans
+from .spec import AotSite, KernelSpec
 from .token_range import dot_acc, load_tile, segment_range
 
 _METHODS = ("auto", "instantiate", "project")
@@ -260,12 +263,65 @@ def grouped_linear_sq_norms_dots(xs: Sequence[Tensor], deltas: Sequence[Tensor],
         x, d = _check_inputs(x, d)
         site_refs = _check_refs(torch.stack([refs[i] for i in idx]), d.shape[2], x.shape[2], g, x.device)
         site_ranges = None if ranges is None else _repeat_segments(ranges.to(x.device), g, bsz)
-        norms, dots = _run(x, d, site_refs, site_ranges, count, with_norm=True, method="auto", blocks=None,
-                           max_length=max_length)
-        norms_out[idx] = norms.view(g, count)
-        dots_out[idx] = dots.view(g, count, k)
+        norms, site_dots = _run(x, d, site_refs, site_ranges, count, with_norm=True, method="auto", blocks=None,
+                                max_length=max_length)
+        for row, site in enumerate(idx):  # int indexing: `out[list]` would copy the list to the GPU (a sync)
+            norms_out[site] = norms.view(g, count)[row]
+            dots_out[site] = site_dots.view(g, count, k)[row]
     return norms_out, dots_out
 
 
-__all__ = ["grouped_linear_sq_norms_dots", "instantiate_dot_launch", "linear_dots", "linear_sq_norms_dots",
+# ------------------------------------------------------------------ self-test cases and the specs of this file
+_BOUNDS = ((0, 21), (4, 21), (0, 13))
+
+
+def _where(case: Case, packed: bool, bounds: tuple[tuple[int, int], ...] = _BOUNDS) -> tuple[dict, list]:
+    """(the launcher's keyword arguments saying which tokens form which example, the examples as spans)."""
+    if packed:
+        return dict(segments=case.segments(), max_length=21), list(PACKED_SPANS)
+    return dict(valid_range=case.ranges(bounds)), padded_spans(bounds)
+
+
+def _check_dots(case: Case, packed: bool = False) -> None:
+    """Norms and dots with K = 2 references: fused instantiate (LoRA-shaped site), Gram norm + project (square
+    site), and the dots alone (project, and instantiate from K = 2), against the fp32 torch reference."""
+    where, spans = _where(case, packed)
+    for i, (n, m, method) in enumerate(((150, 5, "instantiate"), (33, 40, "project"))):
+        x, d = case.inputs(3, 21, n, m, seed=40 + i)
+        refs = case.refs(2, m, n, seed=50 + i)
+        grads = example_grads(x, d, spans)
+        name = f"{'segment_' if packed else ''}dots {method} n={n} m={m}"
+        sq, got = ops().linear_sq_norms_dots(x, d, refs, method=method, **where)
+        compare(f"{name} norms", sq, grad_sq_norms(grads))
+        compare(f"{name} dots", got, grad_dots(grads, refs))
+        compare(f"{name} dots alone", ops().linear_dots(x, d, refs, method=method, **where), grad_dots(grads, refs))
+
+
+def _check_grouped_dots(case: Case, packed: bool = False) -> None:
+    """Three sites of two shapes, one launch per shape: per-site norms and dots in order."""
+    shapes = ((24, 4), (24, 4), (4, 40))
+    pairs = [case.inputs(3, 21, n, m, seed=60 + i) for i, (n, m) in enumerate(shapes)]
+    refs = [case.refs(2, m, n, seed=70 + i) for i, (n, m) in enumerate(shapes)]
+    where, spans = _where(case, packed, ((0, 21), (5, 21), (0, 11)))
+    grads = [example_grads(x, d, spans) for x, d in pairs]
+    sq, got = ops().grouped_linear_sq_norms_dots([x for x, _ in pairs], [d for _, d in pairs], refs, **where)
+    compare("grouped_dots norms", sq, torch.stack([grad_sq_norms(g) for g in grads]))
+    compare("grouped_dots dots", got, torch.stack([grad_dots(g, r) for g, r in zip(grads, refs, strict=True)]))
+
+
+SPECS = (
+    KernelSpec("dots", "linear_sq_norms_dots", _check_dots, (
+        AotSite("7b dots lora_B r=16 T=512 bf16 K=2", 512, 11008, 16, "bfloat16", "bfloat16", "instantiate",
+                dots=2),
+        AotSite("smollm2 dots lora_A r=64 T=128 fp32 K=1", 128, 64, 576, method="instantiate", dots=1),
+        AotSite("7b dots full o_proj T=512 bf16 K=2 (project)", 512, 4096, 4096, "bfloat16", "bfloat16",
+                "project", dots=2))),
+    KernelSpec("grouped_dots", "grouped_linear_sq_norms_dots", _check_grouped_dots),
+    KernelSpec("segment_dots", "linear_sq_norms_dots", partial(_check_dots, packed=True), (
+        AotSite("smollm2 packed dots lora_A r=16 bf16 K=2", 4096, 16, 576, "bfloat16", "bfloat16", "instantiate",
+                segments=16, max_length=512, dots=2),)),
+    KernelSpec("segment_grouped_dots", "grouped_linear_sq_norms_dots", partial(_check_grouped_dots, packed=True)),
+)
+
+__all__ = ["SPECS", "grouped_linear_sq_norms_dots", "instantiate_dot_launch", "linear_dots", "linear_sq_norms_dots",
            "project_blocks", "project_dot_launch"]

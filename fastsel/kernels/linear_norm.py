@@ -27,6 +27,8 @@ positions normally have delta = 0, so the result is the same as without the rang
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,17 @@ from torch import Tensor
 from . import choose_method
 from .gram_norm import gram_launch
 from .launch import Launch, site_args
+from .reference import (
+    PACKED_SPANS,
+    Case,
+    KernelMismatch,
+    compare,
+    example_grads,
+    grad_sq_norms,
+    ops,
+    padded_spans,
+)
+from .spec import AotSite, KernelSpec
 from .token_range import dot_acc, load_tile, segment_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -329,5 +342,61 @@ def linear_sq_norms(
     return norms, grads
 
 
-__all__ = ["instantiate_blocks", "instantiate_launch", "instantiate_setup", "linear_sq_norms", "outer_block", "outer_launch",
+# ------------------------------------------------------------------ self-test cases and the specs of this file
+_BOUNDS = ((0, 21), (4, 21), (0, 13))  # one example per row: a full row, a left-padded and a right-padded one
+
+
+def _check_instantiate(case: Case) -> None:
+    """Instantiate form, both LoRA orientations (small side m, then small side n), several tiles, ranges."""
+    for i, (n, m) in enumerate(((150, 5), (5, 150))):
+        x, d = case.inputs(3, 21, n, m, seed=i)
+        got, _ = ops().linear_sq_norms(x, d, method="instantiate", valid_range=case.ranges(_BOUNDS))
+        compare(f"instantiate n={n} m={m}", got, grad_sq_norms(example_grads(x, d, padded_spans(_BOUNDS))))
+
+
+def _check_outer(case: Case) -> None:
+    """T == 1: ||delta||^2 ||x||^2, an example whose range excludes the token gives 0."""
+    x, d = case.inputs(4, 1, 40, 24, seed=3)
+    bounds = ((0, 1), (0, 1), (1, 1), (0, 1))
+    got, _ = ops().linear_sq_norms(x, d, method="outer", valid_range=case.ranges(bounds))
+    compare("outer (T=1)", got, grad_sq_norms(example_grads(x, d, padded_spans(bounds))))
+
+
+def _check_write_grads(case: Case, packed: bool = False) -> None:
+    """Instantiate with write_grads: the per-example gradients themselves, and their norms."""
+    name = "segment_write_grads" if packed else "write_grads"
+    x, d = case.inputs(3, 21, 33, 6, seed=24 if packed else 4)
+    where = (dict(segments=case.segments(), max_length=21) if packed
+             else dict(valid_range=case.ranges(_BOUNDS)))
+    norms, grads = ops().linear_sq_norms(x, d, method="instantiate", write_grads=True, **where)
+    ref = example_grads(x, d, PACKED_SPANS if packed else padded_spans(_BOUNDS))
+    if grads is None:
+        raise KernelMismatch(f"{name}: no gradients returned")
+    compare(f"{name} gradients", grads, ref)
+    compare(f"{name} norms", norms, grad_sq_norms(ref))
+
+
+def _check_segment_instantiate(case: Case) -> None:
+    """Packed segments, instantiate form, both LoRA orientations, several tiles."""
+    for i, (n, m) in enumerate(((150, 5), (5, 150))):
+        x, d = case.inputs(3, 21, n, m, seed=20 + i)
+        got, _ = ops().linear_sq_norms(x, d, method="instantiate", segments=case.segments(), max_length=21)
+        compare(f"segment_instantiate n={n} m={m}", got, grad_sq_norms(example_grads(x, d, PACKED_SPANS)))
+
+
+SPECS = (
+    KernelSpec("instantiate", "linear_sq_norms", _check_instantiate, (
+        AotSite("7b lora_A r=128 T=512 fp32", 512, 128, 4096),
+        AotSite("7b lora_B r=16 T=512 bf16", 512, 11008, 16, "bfloat16", "bfloat16"))),
+    KernelSpec("outer", "linear_sq_norms", _check_outer, (AotSite("T=1 head", 1, 576, 576, has_range=False),)),
+    KernelSpec("write_grads", "linear_sq_norms", _check_write_grads, (
+        AotSite("smollm2 lora_A single-pass r=64 T=64 bf16", 64, 64, 576, "bfloat16", "bfloat16",
+                write_grads=True),)),
+    KernelSpec("segment_instantiate", "linear_sq_norms", _check_segment_instantiate, (
+        AotSite("smollm2 packed lora_A 16 seqs in 4096 tokens bf16", 4096, 16, 576, "bfloat16", "bfloat16",
+                segments=16, max_length=512),)),
+    KernelSpec("segment_write_grads", "linear_sq_norms", partial(_check_write_grads, packed=True)),
+)
+
+__all__ = ["SPECS", "instantiate_blocks", "instantiate_launch", "instantiate_setup", "linear_sq_norms", "outer_block", "outer_launch",
            "segments_from_cu_seqlens"]
