@@ -29,7 +29,7 @@ from fastsel.selection import strategies
 
 SELECTION_METHODS = strategies.names(references=False)  # the selection strategies (full: no selection)
 REFERENCE_METHODS = strategies.names(references=True)  # selection by gradient dots with safety anchors
-BASELINES = ("grad_clip", "kl", "ewc")
+BASELINES = ("grad_clip", "kl", "ewc", "olora")  # training-time baselines (olora: O-LoRA, Wang et al. 2023)
 METHODS = SELECTION_METHODS + REFERENCE_METHODS + BASELINES
 DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
 JUDGES = ("three_way", "refusal", "llama_guard")
@@ -81,6 +81,8 @@ class TrainingSpec:
     kl_coef: float = field(default=0.1, metadata=_limits(ge=0))
     ewc_coef: float = field(default=100.0, metadata=_limits(ge=0))
     fisher_rows: int = field(default=32, metadata=POSITIVE)
+    olora_coef: float = field(default=0.5, metadata=_limits(ge=0))  # O-LoRA lambda_1 (orthogonality)
+    olora_l2: float = field(default=0.0, metadata=_limits(ge=0))  # O-LoRA lambda_2 (L2 of the new LoRA)
     backend: str = field(default="auto", metadata=SELECTION)
 
 

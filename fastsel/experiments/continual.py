@@ -11,7 +11,8 @@ Results: OUT/results.json; report: OUT/report.md and OUT/plots/*.png (`fastsel.e
 
 Methods: the selection strategies (full, random, moderate, low, high), the safety-aware strategies gradshield
 and harmful_similarity (reference gradients from the shipped refusal data, section `reference`, recomputed as
-the model moves), and the training-time baselines grad_clip, kl, ewc.
+the model moves), and the training-time baselines grad_clip, kl, ewc and olora (O-LoRA: a new LoRA per task,
+the earlier ones merged and frozen, orthogonality of the new lora_A to theirs as a penalty).
 
 The config (`fastsel.experiments.config.ContinualConfig`, loaded from YAML) is validated before anything trains;
 the LoRA target modules are checked against the model as soon as it loads.
@@ -386,7 +387,24 @@ class Runner:
                 opts["kl_coef"] = tr.kl_coef
             elif method == "ewc":
                 opts["ewc_coef"] = tr.ewc_coef
+            elif method == "olora":
+                opts.update(olora_coef=tr.olora_coef, olora_l2=tr.olora_l2)
         return opts
+
+    def _next_olora_task(self, model: Any, previous: dict[str, Any], seed: int, stage: int) -> Any:
+        """O-LoRA between tasks: the finished task's lora_A rows join `previous` (per site, stacked), its adapter
+        is merged into the weights (frozen from then on: the forward is unchanged) and a fresh LoRA, seeded per
+        stage, is trained for the next task."""
+        import torch
+
+        from fastsel.integrations.models import add_lora
+        from fastsel.training.regularizers import lora_a_weights
+
+        for name, rows in lora_a_weights(model).items():
+            previous[name] = rows if name not in previous else torch.cat([previous[name], rows])
+        lo = self.cfg.lora
+        return add_lora(model.merge_and_unload(), r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
+                        target_modules=lo.targets, seed=seed * 1000 + stage)
 
     def _norm_audit(self, model: Any, task: str, stage_dir: Path) -> None:
         """Per-example loss and gradient norm of the stage's training rows under the stage's starting model."""
@@ -433,10 +451,13 @@ class Runner:
                          target_modules=lo.targets, seed=seed)
         results = [base_result]
         ewc_state: dict[str, Any] | None = None
+        olora_previous: dict[str, Any] = {}  # O-LoRA: the earlier tasks' lora_A rows per site
         audit_method = self.cfg.report.norm_pass_method
         for i, task in enumerate(self.tasks, 1):
             stage_dir = run_dir / f"stage{i}"
             done = stage_dir / "stage_result.json"
+            if method == "olora" and i > 1:
+                model = self._next_olora_task(model, olora_previous, seed, i)
             if done.exists():
                 load_trainable_file(model, stage_dir / "trainable.safetensors")
                 results.append(read_json(done))
@@ -456,6 +477,8 @@ class Runner:
                     opts["ewc_coef"] = 0.0  # the first task has no previous task to protect
                 else:
                     opts["ewc_fisher"], opts["ewc_anchor"] = ewc_state["fisher"], ewc_state["anchor"]
+            if method == "olora" and olora_previous:
+                opts["olora_previous"] = olora_previous
             start = time.time()
             resume = _prepare_resume(stage_dir / "train")
             curve = MarginCurve(self, model, stage_dir / "margin_curve.jsonl", resume)

@@ -7,10 +7,11 @@ epoch), packed back to back into one padding-free row (`packing`, on by default 
 sequences apart: the packing probe of fastsel.engine.model_io decides) or right-padded. For each micro-batch `fastsel.selective_backward` measures every candidate's
 loss and exact gradient norm, keeps `ratio` of them (Algorithm 1) and adds `1/n_micro` times the gradient of
 the kept examples' mean loss to `.grad`; strategy `full` goes through the same call, so every strategy
-optimizes the same loss definition (mean per-example loss). With `kl_coef` or `ewc_coef` > 0 the selection
+optimizes the same loss definition (mean per-example loss). With a regularizer (`kl_coef`, `ewc_coef`, or O-LoRA's
+`olora_coef` / `olora_l2` > 0) the selection
 runs on its own (no `.grad` written: `fastsel.select`, or a no-grad forward for `random`/`full`, which need no
 norms), then the kept rows get one forward+backward of mean loss + kl_coef * KL(p_ref || p_model) + ewc_coef *
-EWC penalty: the selection sees the task-loss gradients only, as in the paper. Then optional clipping
+EWC penalty + the O-LoRA terms: the selection sees the task-loss gradients only, as in the paper. Then optional clipping
 (`max_grad_norm`, the paper's gradient clipping baseline), AdamW, the lr scheduler, zero_grad, one line of
 `out_dir/log.jsonl`, and a checkpoint every `save_every` steps and at the end (layout: fastsel.training.checkpoint;
 `resume=True` continues exactly).
@@ -60,7 +61,13 @@ from fastsel.training import checkpoint as ckpt
 from fastsel.training import distributed
 from fastsel.training.options import SelectionOptions, check_number, is_int
 from fastsel.training.reference_schedule import ReferenceSchedule
-from fastsel.training.regularizers import check_ewc_state, ewc_penalty, kl_to_reference_loss
+from fastsel.training.regularizers import (
+    check_ewc_state,
+    check_olora_state,
+    ewc_penalty,
+    kl_to_reference_loss,
+    olora_penalty,
+)
 from fastsel.training.rows import DataOrder, check_dataset
 from fastsel.training.selective import selective_backward
 from fastsel.training.step_log import StepTally
@@ -91,6 +98,9 @@ class TrainConfig(SelectionOptions):
     ewc_coef: float = 0.0  # weight of the EWC penalty 1/2 sum F (theta - theta*)^2
     ewc_fisher: dict[str, Tensor] | None = None  # previous task's diagonal Fisher (diagonal_fisher)
     ewc_anchor: dict[str, Tensor] | None = None  # parameter values at the end of the previous task
+    olora_coef: float = 0.0  # O-LoRA lambda_1: weight of sum |A_new A_old^T| against the earlier tasks' lora_A
+    olora_l2: float = 0.0  # O-LoRA lambda_2: weight of the L2 norms of the (new) LoRA parameters
+    olora_previous: dict[str, Tensor] | None = None  # earlier tasks' lora_A rows per site (lora_a_weights, stacked)
     lr_scheduler: str = "constant"  # get_scheduler name; constant + warmup_steps = constant_with_warmup
     warmup_steps: int = 0
     out_dir: str | None = None  # log.jsonl, checkpoints/, adapter/ (None: nothing written)
@@ -149,7 +159,7 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"packing must be True, False or 'auto', got {cfg.packing!r}")
     check_number("lr", cfg.lr, low=0, inclusive=False)
     check_number("max_grad_norm", cfg.max_grad_norm, low=0, inclusive=False, optional=True)
-    for name in ("weight_decay", "kl_coef", "ewc_coef"):
+    for name in ("weight_decay", "kl_coef", "ewc_coef", "olora_coef", "olora_l2"):
         check_number(name, getattr(cfg, name), low=0, inclusive=True)
     if strategy(cfg.strategy).uses_ratio and cfg.ratio * cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size} with ratio={cfg.ratio} keeps less than one example "
@@ -190,6 +200,8 @@ def check_config(cfg: TrainConfig, model: nn.Module) -> None:
         raise ValueError("kl_coef > 0 needs a PEFT model: the reference is the model under disable_adapter()")
     if cfg.ewc_coef > 0:
         check_ewc_state(model, cfg.ewc_fisher, cfg.ewc_anchor)
+    if cfg.olora_coef > 0 and cfg.olora_previous:
+        check_olora_state(model, cfg.olora_previous)
     enablers = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
     if cfg.gradient_checkpointing and not any(callable(getattr(model, name, None)) for name in enablers):
         raise ValueError("gradient_checkpointing=True needs a transformers model (activation checkpointing)")
@@ -240,7 +252,8 @@ def _select_only(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, s
 
 def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, rows: Tensor,
                           scale: float) -> None:
-    """Forward+backward of the kept examples: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty)."""
+    """Forward+backward of the kept examples: scale * (mean loss + kl_coef * KL + ewc_coef * EWC penalty + the
+    O-LoRA terms)."""
     sub = take_examples(prepare_batch(batch), rows)
     if "attention_mask" in sub:  # padded rows, right padding: trim columns no kept row uses
         width = int(sub["attention_mask"].sum(dim=1).max())
@@ -252,7 +265,15 @@ def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: Train
         loss = loss + cfg.kl_coef * kl_to_reference_loss(model, prepared, logits=logits)
     if cfg.ewc_coef > 0:
         loss = loss + cfg.ewc_coef * ewc_penalty(model, cfg.ewc_fisher, cfg.ewc_anchor)
+    if cfg.olora_coef > 0 or cfg.olora_l2 > 0:
+        loss = loss + olora_penalty(model, cfg.olora_previous, orth_coef=cfg.olora_coef, l2_coef=cfg.olora_l2)
     (loss * scale).backward()
+
+
+def regularized(cfg: TrainConfig) -> bool:
+    """Whether the step's loss has a regularizer term (KL, EWC, O-LoRA): then the kept rows get a backward of
+    their own (`_regularized_backward`) after the selection."""
+    return cfg.kl_coef > 0 or cfg.ewc_coef > 0 or cfg.olora_coef > 0 or cfg.olora_l2 > 0
 
 
 def use_packing(cfg: TrainConfig, model: nn.Module, dataset: Sequence[Mapping[str, Any]]) -> bool:
@@ -544,6 +565,9 @@ def _on_device(cfg: TrainConfig, model: nn.Module) -> tuple[TrainConfig, bool]:
         cfg = replace(cfg, **{name: {k: v.to(device=device, dtype=torch.float32)
                                      for k, v in getattr(cfg, name).items()}
                               for name in ("ewc_fisher", "ewc_anchor")})
+    if cfg.olora_previous:
+        cfg = replace(cfg, olora_previous={k: v.to(device=device, dtype=torch.float32)
+                                           for k, v in cfg.olora_previous.items()})
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if cfg.bf16 and not use_bf16:
         warnings.warn("bf16=True: bf16 autocast is used on CUDA only; training in the model's dtype on "
@@ -588,7 +612,7 @@ def _restore(resume_from: Path, cfg: TrainConfig, dataset: Sequence[Any], model:
 def _micro_batch_step(batch: dict[str, Tensor], model: nn.Module, cfg: TrainConfig, seed: int, reference: Any,
                       n_micro: int, last: bool) -> Selection:
     """Select on one micro-batch and add its kept examples' gradient (scaled 1/n_micro) to `.grad`."""
-    if cfg.kl_coef > 0 or cfg.ewc_coef > 0:
+    if regularized(cfg):
         selection = _select_only(batch, model, cfg, seed, reference)
         if selection.num_selected:
             _regularized_backward(batch, model, cfg, selection.indices, 1.0 / n_micro)

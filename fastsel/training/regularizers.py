@@ -8,6 +8,10 @@
   gradient is that of the cross-entropy to the reference distribution.
 - `ewc_penalty`: the EWC term 1/2 * sum_j F_j (theta_j - theta*_j)^2 of Kirkpatrick et al. (2017), with the
   diagonal Fisher F and anchor theta* from the end of the previous task; `train` adds `ewc_coef` times it.
+- `olora_penalty`: O-LoRA's loss terms (Wang et al., 2023, "Orthogonal Subspace Learning for Language Model
+  Continual Learning"): lambda_1 * sum over LoRA sites of sum_{j,k} |A_new A_old^T|_{jk} (the new task's lora_A
+  rows kept orthogonal to the earlier tasks' subspaces, `previous`: their lora_A rows stacked per site) plus
+  lambda_2 * sum over the new LoRA parameters of their L2 norm. `lora_a_weights` takes the snapshot.
 - `diagonal_fisher`: the empirical diagonal Fisher F_j = (1/N) sum_i (dL_i/dtheta_j)^2, L_i the mean token
   loss of example i under its own labels, from one batched pass per batch with
   `fastsel.norm_pass(keep_grads=True)`, whose per-example gradients are exactly each example's own (no
@@ -101,6 +105,48 @@ def ewc_penalty(model: nn.Module, fisher: Mapping[str, Tensor], anchor: Mapping[
 def anchor_parameters(model: nn.Module) -> dict[str, Tensor]:
     """Copies of the trainable parameters: the EWC anchor theta* at the end of a task."""
     return {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_a_weights(model: nn.Module) -> dict[str, Tensor]:
+    """fp32 copies of the trainable lora_A weights [r, d_in] by parameter name: a task's subspaces for O-LoRA."""
+    found = {name: p.detach().float().clone() for name, p in model.named_parameters()
+             if p.requires_grad and ".lora_A." in name}
+    if not found:
+        raise ValueError("O-LoRA needs a PEFT LoRA model: no trainable lora_A weight found")
+    return found
+
+
+def check_olora_state(model: nn.Module, previous: Mapping[str, Tensor]) -> None:
+    """Raise ValueError unless `previous` maps trainable lora_A weights of `model` to [r_old, d_in] tensors."""
+    params = dict(model.named_parameters())
+    if not isinstance(previous, Mapping) or not previous:
+        raise ValueError("olora_previous must be a dict {lora_A parameter name: earlier tasks' rows [r_old, d_in]}")
+    for name, old in previous.items():
+        p = params.get(name)
+        if p is None or ".lora_A." not in name:
+            raise ValueError(f"olora_previous[{name!r}] is not a lora_A weight of the model")
+        if not isinstance(old, Tensor) or old.dim() != 2 or old.shape[1] != p.shape[1]:
+            raise ValueError(f"olora_previous[{name!r}] must be [r_old, {p.shape[1]}], got "
+                             f"{tuple(old.shape) if isinstance(old, Tensor) else type(old).__name__}")
+
+
+def olora_penalty(model: nn.Module, previous: Mapping[str, Tensor] | None, *, orth_coef: float,
+                  l2_coef: float) -> Tensor:
+    """orth_coef * sum_site sum |A_new A_old^T| + l2_coef * sum over trainable LoRA parameters of ||theta||_2.
+
+    `previous`: {lora_A parameter name: the earlier tasks' lora_A rows stacked, [r_old, d_in]} (None or empty at
+    the first task: no orthogonality term). A differentiable fp32 scalar."""
+    total = torch.zeros((), device=model_device(model))
+    params = dict(model.named_parameters())
+    if orth_coef and previous:
+        for name, old in previous.items():
+            new = params[name].float()
+            total = total + orth_coef * (new @ old.to(device=new.device, dtype=torch.float32).T).abs().sum()
+    if l2_coef:
+        for name, p in params.items():
+            if p.requires_grad and (".lora_A." in name or ".lora_B." in name):
+                total = total + l2_coef * p.float().norm()
+    return total
 
 
 def _batches(data: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Tensor]], batch_size: int,

@@ -149,3 +149,40 @@ def test_reference_methods_run_beside_moderate(tmp_path: Path) -> None:
         assert all(r["score_mean"] is not None for r in log)
     with pytest.raises(ValueError, match="reference.compliance: file not found"):
         validate_config({**raw, "reference": {"compliance": "/no/such/anchors.jsonl"}})
+
+
+def test_olora_trains_a_new_lora_per_task_and_keeps_the_earlier_ones_frozen(tmp_path: Path, monkeypatch) -> None:
+    """O-LoRA in the pipeline: stage 2 trains a fresh LoRA with the penalty against stage 1's lora_A rows; the
+    earlier adapter (merged into the weights) is the same before and after stage 2 trains."""
+    import torch
+    from safetensors.torch import load_file
+
+    real_train = fastsel.training.loop.train
+    seen: list[dict] = []
+
+    def spy(model, rows, **opts):  # noqa: ANN001, ANN003, ANN202
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
+        result = real_train(model, rows, **opts)
+        after = {n: p.detach() for n, p in model.named_parameters()}
+        seen.append({"opts": opts, "frozen_kept": all(torch.equal(v, after[n]) for n, v in frozen.items()),
+                     "fresh": all(float(v.abs().max()) == 0.0 for v in lora_b.values())})
+        return result
+
+    monkeypatch.setattr(fastsel.training.loop, "train", spy)
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(methods=["olora"], alignment={"enabled": False},
+               training={**raw["training"], "olora_coef": 0.5, "olora_l2": 0.01})
+    results = run_continual(raw, tmp_path / "out", report=False)
+    assert list(results["methods"]) == ["olora"]
+    assert len(seen) == 2 and all(s["frozen_kept"] and s["fresh"] for s in seen)
+    assert seen[0]["opts"]["olora_coef"] == 0.5 and "olora_previous" not in seen[0]["opts"]
+    stage1 = load_file(str(tmp_path / "out" / "runs" / "olora" / "seed0" / "stage1" / "trainable.safetensors"))
+    previous = seen[1]["opts"]["olora_previous"]
+    assert previous and set(previous) == {n for n in stage1 if ".lora_A." in n}
+    for name, rows in previous.items():
+        torch.testing.assert_close(rows, stage1[name].float())
+    # a rerun resumes: both stages finished, nothing trains, the results are the same
+    monkeypatch.setattr(fastsel.training.loop, "train", _fail)
+    again = run_continual(raw, tmp_path / "out", report=False)
+    assert again["methods"]["olora"]["asr"] == results["methods"]["olora"]["asr"]

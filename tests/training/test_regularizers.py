@@ -1,4 +1,5 @@
-"""KL to the adapter-disabled reference, EWC penalty, diagonal Fisher: each against a plain computation."""
+"""KL to the adapter-disabled reference, EWC penalty, O-LoRA penalty, diagonal Fisher: each against a plain
+computation."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from fastsel.engine.model_io import forward_logits
 from fastsel.training.regularizers import (
     anchor_parameters,
     check_ewc_state,
+    check_olora_state,
     diagonal_fisher,
     ewc_penalty,
     kl_per_example,
     kl_to_reference_loss,
+    lora_a_weights,
+    olora_penalty,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,3 +142,46 @@ def test_diagonal_fisher_equals_naive_per_example_loop() -> None:
     from_batches = diagonal_fisher(model, [collate(rows[:4], 0), collate(rows[4:], 0)])
     for n in expected:
         torch.testing.assert_close(from_batches[n], expected[n], rtol=1e-4, atol=1e-10)
+
+
+def _lora_a(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n}
+
+
+def test_olora_penalty_by_hand() -> None:
+    """lambda_1 * sum |A_new A_old^T| over the sites + lambda_2 * sum of the LoRA parameters' L2 norms, value and
+    gradient, entry by entry."""
+    model = lora(tiny_model(), r=2)
+    g = torch.Generator().manual_seed(1)
+    sites = _lora_a(model)
+    names = list(sites)[:2]
+    previous = {n: torch.randn(3, sites[n].shape[1], generator=g) for n in names}  # 3 earlier rows per site
+    penalty = olora_penalty(model, previous, orth_coef=0.5, l2_coef=0.0)
+    expected = 0.0
+    for n in names:
+        new = sites[n].detach().tolist()
+        for row in new:
+            for old in previous[n].tolist():
+                expected += 0.5 * abs(sum(a * b for a, b in zip(row, old, strict=True)))
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
+    penalty.backward()
+    for n in names:  # d/dA sum |A O^T| = sign(A O^T) O
+        torch.testing.assert_close(sites[n].grad, 0.5 * torch.sign(sites[n].detach() @ previous[n].T) @ previous[n])
+    lora_params = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    l2 = olora_penalty(model, None, orth_coef=0.5, l2_coef=0.25)
+    norms = sum(math.sqrt(sum(v * v for v in p.detach().flatten().tolist())) for p in lora_params)
+    assert float(l2.detach()) == pytest.approx(0.25 * norms, rel=1e-5)
+
+
+def test_olora_state_is_checked() -> None:
+    model = lora(tiny_model(), r=2)
+    name, a = next(iter(_lora_a(model).items()))
+    check_olora_state(model, {name: torch.zeros(4, a.shape[1])})
+    with pytest.raises(ValueError, match=r"must be \[r_old, "):
+        check_olora_state(model, {name: torch.zeros(4, a.shape[1] + 1)})
+    with pytest.raises(ValueError, match="is not a lora_A weight"):
+        check_olora_state(model, {name.replace("lora_A", "lora_B"): torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="no trainable lora_A"):
+        lora_a_weights(tiny_model())
+    snapshot = lora_a_weights(model)
+    assert set(snapshot) == set(_lora_a(model)) and all(not t.requires_grad for t in snapshot.values())
