@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint reproduce experiment audit bench clean
+.PHONY: install demo test test-fast lint reproduce experiment experiment-controls audit bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ reproduce: install
 EXPERIMENT_OUT ?= runs/experiment
 experiment: install
 	$(BIN)/fastsel continual --config configs/experiment.yaml --out $(EXPERIMENT_OUT)
+
+# The skeptic's controls of the experiment (issue 24: matched designs, reversion analysis; <= 45 min; not in CI).
+CONTROLS_OUT ?= runs/controls
+experiment-controls: install
+	$(BIN)/fastsel continual --config configs/controls.yaml --out $(CONTROLS_OUT)
 
 # `fastsel score` on shipped data with the embedded model: exact scores, the audit report, GradShield's filter.
 AUDIT_OUT ?= runs/audit

@@ -30,7 +30,9 @@ from fastsel.selection import strategies
 SELECTION_METHODS = strategies.names(references=False)  # the selection strategies (full: no selection)
 REFERENCE_METHODS = strategies.names(references=True)  # selection by gradient dots with safety anchors
 BASELINES = ("grad_clip", "kl", "ewc", "olora")  # training-time baselines (olora: O-LoRA, Wang et al. 2023)
-METHODS = SELECTION_METHODS + REFERENCE_METHODS + BASELINES
+# the confounder controls: every row of a fixed matched set (section `controls`), the first task only
+CONTROL_METHODS = ("matched_high", "matched_moderate", "matched_short", "matched_long")
+METHODS = SELECTION_METHODS + REFERENCE_METHODS + BASELINES + CONTROL_METHODS
 DEFAULT_TASKS = ("dolly", "gsm8k", "medmcqa", "squad_v2")
 JUDGES = ("three_way", "refusal", "llama_guard")
 TINY = "tiny-random"
@@ -156,6 +158,25 @@ class ReportSpec:
 
 
 @dataclass
+class ControlsSpec:
+    """The skeptic's controls on the first task (`make experiment-controls`, docs/controls.md).
+
+    matched: build the matched designs from the task's training rows under the starting model (seed 0): the
+    high-norm third against the middle third matched on response length and loss (methods matched_high /
+    matched_moderate), and the short third against the long third matched on the norm (matched_short /
+    matched_long); at most max_pairs pairs, |SMD| < max_smd on the matched covariates. reversion: the per-row dot
+    and cosine of the gradient with Gamma = pretrained - aligned weights over the full weights of decoder layers
+    `layers` (negative: from the end), TopK-Cosine over the top `topk` coordinates; needs alignment.enabled."""
+
+    matched: bool = False
+    max_pairs: int = field(default=24, metadata=_limits(ge=2))
+    max_smd: float = field(default=0.1, metadata=_limits(gt=0))
+    reversion: bool = False
+    layers: list[int] = field(default_factory=lambda: [-1])
+    topk: int = field(default=1000, metadata=POSITIVE)
+
+
+@dataclass
 class ContinualConfig:
     """The whole config of `fastsel continual` (see configs/reproduce.yaml)."""
 
@@ -170,6 +191,7 @@ class ContinualConfig:
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    controls: ControlsSpec = field(default_factory=ControlsSpec)
 
     @property
     def task_names(self) -> list[str]:
@@ -178,6 +200,17 @@ class ContinualConfig:
     def to_json(self) -> dict[str, Any]:
         """A plain dict (what config.json holds)."""
         return dataclasses.asdict(self)
+
+
+def _check_controls(cfg: ContinualConfig, problems: _Problems) -> None:
+    """The control methods need the matched designs (one task); the reversion needs an aligned model."""
+    controls = [m for m in cfg.methods if m in CONTROL_METHODS]
+    if controls and cfg.controls.matched is not True:
+        problems.add("methods", f"{controls} train on the matched sets: set controls.matched: true")
+    if (controls or cfg.controls.matched is True) and len(cfg.tasks) != 1:
+        problems.add("controls", "the matched designs are built on one task: give exactly one task")
+    if cfg.controls.reversion is True and cfg.alignment.enabled is not True:
+        problems.add("controls.reversion", "Gamma = pretrained - aligned needs alignment.enabled: true")
 
 
 # ------------------------------------------------------------------------------------------------ structure
@@ -415,6 +448,7 @@ def validate(cfg: ContinualConfig, problems: _Problems) -> None:
         problems.add("methods", f"duplicates in {cfg.methods}")
     if not cfg.seeds:
         problems.add("seeds", "must be a non-empty list of integers >= 0")
+    _check_controls(cfg, problems)
     tr = cfg.training
     _check_selection(tr, problems)
     uses_ratio = any(m in strategies.STRATEGIES and strategies.strategy(m).uses_ratio for m in cfg.methods)

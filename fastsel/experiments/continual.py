@@ -38,6 +38,7 @@ from fastsel.experiments.config import (
     load_config,
     validate_config,
 )
+from fastsel.experiments.controls.prepare import CONTROL_SETS, controls_summary
 from fastsel.experiments.summary import headline, summarize
 from fastsel.selection import strategies
 from fastsel.training.checkpoint import load_trainable_file, save_tensors, trainable_state
@@ -148,6 +149,7 @@ class Runner:
         self._judge: Any = None
         self._reference: Any = None  # the aligned model's log-probs for the KL (teacher_forced.reference_logprobs)
         self._anchors: dict[str, Any] | None = None
+        self.controls: dict[str, Any] = {}  # the matched sets and the reversion analysis (section `controls`)
         self.tokenizer: Any = None
         self.base: Any = None
 
@@ -332,6 +334,14 @@ class Runner:
         self.base = model
         torch.set_grad_enabled(True)
 
+    def load_pretrained(self) -> Any:
+        """The config's model as loaded, before the alignment stage (frozen, eval mode)."""
+        model, _ = load_base(self.cfg.model)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
     def _align(self, model: Any) -> Any:
         from fastsel.experiments.data import load_helpful, load_safety_refusals, tokenize_examples
         from fastsel.integrations.models import add_lora
@@ -406,11 +416,10 @@ class Runner:
         return add_lora(model.merge_and_unload(), r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
                         target_modules=lo.targets, seed=seed * 1000 + stage)
 
-    def _norm_audit(self, model: Any, task: str, stage_dir: Path) -> None:
-        """Per-example loss and gradient norm of the stage's training rows under the stage's starting model."""
+    def audit_rows(self, model: Any, task: str) -> list[dict[str, Any]]:
+        """Per-example loss, gradient norm and answer length of `task`'s training rows under `model`."""
         from fastsel.engine.norms import norm_pass
         from fastsel.experiments.data import collate, pad_token_id_of
-        from fastsel.selection.rules import select_indices
 
         rows = self._data[task]["rows"]
         examples = {ex.id: ex for ex in self._data[task]["train"]}
@@ -427,6 +436,13 @@ class Runner:
                                 "answer_tokens": sum(1 for t in row["labels"] if t != -100),
                                 "category": ex.category if ex else task,
                                 "format": ex.meta.get("format") if ex else None})
+        return out
+
+    def _norm_audit(self, model: Any, task: str, stage_dir: Path) -> None:
+        """Per-example loss and gradient norm of the stage's training rows under the stage's starting model."""
+        from fastsel.selection.rules import select_indices
+
+        out = self.audit_rows(model, task)
         import torch
 
         tr = self.cfg.training
@@ -482,7 +498,11 @@ class Runner:
             start = time.time()
             resume = _prepare_resume(stage_dir / "train")
             curve = MarginCurve(self, model, stage_dir / "margin_curve.jsonl", resume)
-            result = train(model, self._data[task]["rows"], out_dir=str(stage_dir / "train"), resume=resume,
+            rows = self._data[task]["rows"]
+            if method in CONTROL_SETS:  # a control trains on every row of its matched set
+                kept = set(self.controls["sets"][method])
+                rows = [r for r in rows if r["id"] in kept]
+            result = train(model, rows, out_dir=str(stage_dir / "train"), resume=resume,
                            on_step=curve.on_step if curve.every else None, **opts)
             train_s = time.time() - start - curve.seconds
             if method == "ewc" and i < len(self.tasks):
@@ -526,6 +546,9 @@ class Runner:
         if any(m in REFERENCE_METHODS for m in self.cfg.methods):
             self.anchors()  # the anchor data is read and tokenized before anything trains
         write_json_safe(saved, config)
+        from fastsel.experiments.controls.prepare import prepare_controls
+
+        self.controls = prepare_controls(self)
         base_file = self.out / "runs" / "base" / "stage_result.json"
         if base_file.exists():
             base_result = read_json(base_file)
@@ -540,6 +563,8 @@ class Runner:
 
         results = summarize(per_run, self.tasks)
         results.update(safety_summary(per_run, base_result))
+        if self.controls:
+            results["controls"] = controls_summary(self.controls)
         results["wall_s"] = time.time() - t0
         write_json_safe(self.out / "results.json", results)
         return results

@@ -267,6 +267,72 @@ def plot_margin_curves(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def balance_table(designs: dict[str, Any]) -> str:
+    """The matched designs' balance: SMD (treated - control) of every covariate before and after matching."""
+    what = {"norm": "high-norm third vs middle third, matched on length and loss",
+            "length": "short third vs long third, matched on the norm"}
+    body = [[f"{name} ({what.get(name, '')}; {d['pairs']} pairs)", cov, f"{b['before']:+.3f}", f"{b['after']:+.3f}"]
+            for name, d in designs.items() for cov, b in d["balance"].items()]
+    return _table(["design", "covariate", "SMD before", "SMD after"], body)
+
+
+def contrast_table(results: dict[str, Any]) -> str:
+    """Paired differences (treated - control) of every metric, mean [95% CI] over seeds x prompts (or rows)."""
+    body = []
+    for c in results.get("contrasts") or []:
+        for metric, d in c["metrics"].items():
+            lo, hi = d["ci95"]
+            body.append([f"{c['pair'][0]} - {c['pair'][1]}", METRIC_NAMES.get(metric, metric),
+                         f"{d['diff']:+.4g} [{lo:+.4g}, {hi:+.4g}]", "yes" if d["excludes_zero"] else "no"])
+    return _table(["contrast", "metric", "paired difference [95% CI]", "excludes 0"], body)
+
+
+def correlation_table(reversion: dict[str, Any]) -> str:
+    """The reversion cosines' correlation with the gradient norms, r [95% bootstrap CI over rows]."""
+    body = [[pair, method, f"{c['r']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]", str(c["n"])]
+            for pair, by_method in reversion["correlations"].items() for method, c in by_method.items()]
+    return _table(["cosine ~ norm", "correlation", "r [95% CI]", "rows"], body)
+
+
+def plot_reversion(rows: dict[str, list[float]], path: Path) -> None:
+    """Scatter: each training row's gradient norm (what Moderate-G sees) against cos(-grad, Gamma)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "cosine", "cos(-grad L_i, Gamma)"),
+                           (axes[1], "topk_cosine", "TopK-Cosine")):
+        ax.scatter(rows["lora_norm"], rows[key], s=10, alpha=0.7)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("per-example gradient norm (LoRA, start of the stage)")
+        ax.set_ylabel(label)
+    fig.suptitle("Does a row's update point back toward the pretrained weights? (Gamma = pretrained - aligned)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def controls_parts(results: dict[str, Any], out: Path, plots: Path) -> list[str]:
+    """The report's controls sections: the matched designs with their contrasts, and the reversion analysis."""
+    controls, parts = results["controls"], []
+    if "designs" in controls:
+        parts += ["## Matched designs (confounder controls)", "",
+                  "Greedy nearest-neighbour pairs from the task's training rows under the starting model; SMD over "
+                  "the pools' pooled SD (|SMD| < 0.1 = balanced).", "", balance_table(controls["designs"]), "",
+                  "Each matched set trained with the same budget and seeds; paired differences after the stage:",
+                  "", contrast_table(results), ""]
+    if "reversion" in controls:
+        rev = controls["reversion"]
+        rows = json.loads((out / "controls" / "reversion.json").read_text())["rows"]
+        plot_reversion(rows, plots / "reversion.png")
+        parts += ["## Reversion toward the pretrained weights", "",
+                  f"Gamma = pretrained - aligned over {len(rev['weights'])} weights ({rev['parameters']:,} "
+                  f"parameters, ||Gamma|| = {rev['gamma_norm']:.4g}); per row the exact <grad L_i, Gamma> from one "
+                  f"batched pass; cosine = cos(-grad L_i, Gamma) (> 0: the row's update points back toward the "
+                  f"pretrained weights); TopK-Cosine over the top {rev['topk']} coordinates of |Gamma|. lora_norm: "
+                  "the LoRA gradient norm Moderate-G selects by; norm: the gradient norm over Gamma's weights.", "",
+                  correlation_table(rev), "", "![reversion](plots/reversion.png)", ""]
+    return parts
+
+
 def _mean_score(entry: dict[str, Any], tasks: list[str], i: int) -> float | None:
     values = [entry["scores"][t][i] for t in tasks if entry["scores"][t][i] is not None]
     return sum(values) / len(values) if values else None
@@ -307,6 +373,8 @@ def write_report(out: str | os.PathLike[str]) -> Path:
                   "aligned) at the response positions of both continuations.", "", safety_table(results), "",
                   "### Ordering high >= random >= moderate >= low (in harm)", "", ordering_text(results), "",
                   "## Refusal margin vs training step", "", "![refusal margin](plots/refusal_margin.png)", ""]
+    if results.get("controls"):
+        parts += controls_parts(results, out, plots)
     norm_files = load_norm_files(out)
     if norm_files:
         key, items = next(iter(norm_files.items()))

@@ -84,6 +84,28 @@ def ordering(matrices: Mapping[str, Mapping[str, list[list[float]]]]) -> dict[st
     return out
 
 
+#: The controls' contrasts (`make experiment-controls`): treated - control of each matched design.
+CONTRASTS = (("matched_high", "matched_moderate"), ("matched_short", "matched_long"))
+
+
+def contrasts(matrices: Mapping[str, Mapping[str, list[list[float]]]],
+              pairs: Sequence[tuple[str, str]] = CONTRASTS) -> list[dict[str, Any]]:
+    """For each pair (a, b) present in the run: every metric's paired difference a - b (same seeds, same prompts or
+    rows) with its 95% bootstrap interval and whether it excludes zero."""
+    out = []
+    for a, b in pairs:
+        if a not in matrices or b not in matrices:
+            continue
+        diffs = {}
+        for metric in METRICS:
+            if metric in matrices[a] and metric in matrices[b]:
+                d = paired_difference_ci(matrices[a][metric], matrices[b][metric])
+                diffs[metric] = {"diff": d["diff"], "ci95": d["ci95"],
+                                 "excludes_zero": d["ci95"][0] > 0 or d["ci95"][1] < 0}
+        out.append({"pair": [a, b], "metrics": diffs})
+    return out
+
+
 def _curve(stages: Sequence[Mapping[str, Any]], start: float | None) -> list[dict[str, Any]]:
     """The margin per optimizer step across a run's stages (steps counted from the first stage's start)."""
     points = [{"step": 0, "stage": 0, "margin": start}] if start is not None else []
@@ -106,7 +128,7 @@ def safety_summary(per_run: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]
     curves = {m: {str(s): _curve(runs[s], start) for s in sorted(runs)} for m, runs in per_run.items()}
     return {"seeds": seeds, "n_prompts": len(pp.get("ids") or []), "base": _cis(base_matrices),
             "strategies": {m: _cis(x) for m, x in matrices.items()}, "ordering": ordering(matrices),
-            "curves": curves}
+            "contrasts": contrasts(matrices), "curves": curves}
 
 
 # ------------------------------------------------------------------------------- results.json of a run
