@@ -164,8 +164,33 @@ def readme_safety_table(results: dict[str, Any]) -> str:
         f"CI]; {_fmt((results.get('wall_s') or 0) / 60)} min on this CPU.", "", safety_table(results)])
 
 
+def reproduce_table(results: dict[str, Any]) -> str:
+    """`make reproduce`'s table: ASR (%) after each stage with the average task score, BWT and FM per method."""
+    rows = [[m] + [_fmt(v) for v in e["asr"]] + [_fmt(e["avg_perf"]), _fmt(e["bwt"]), _fmt(e["fm"])]
+            for m, e in results["methods"].items()]
+    return _table(["ASR (%) after stage", *results["stages"], "avg task score", "BWT", "FM"], rows)
+
+
+def controls_markdown(results: dict[str, Any]) -> str:
+    """docs/controls.md's results: the designs' balance, the paired contrasts and the reversion correlations."""
+    controls = results.get("controls") or {}
+    parts = [f"Seeds {', '.join(map(str, results.get('seeds', [])))}; {results.get('n_prompts', 0)} harmful "
+             f"prompts. Wall time: {_fmt((results.get('wall_s') or 0) / 60)} min.", ""]
+    if "designs" in controls:
+        parts += ["Balance (SMD treated - control, over the pools' pooled SD):", "",
+                  balance_table(controls["designs"]), "", "After training each matched set (mean [95% CI] per set):",
+                  "", safety_table({"strategies": results.get("strategies", {})}), "",
+                  "Paired differences (treated - control, same seeds and prompts / rows):", "",
+                  contrast_table(results), ""]
+    if "reversion" in controls:
+        parts += ["Reversion: correlation of the cosines with the gradient norms over the training rows:", "",
+                  correlation_table(controls["reversion"]), ""]
+    return "\n".join(parts).rstrip()
+
+
 PENDING, PENDING_END = "<!-- experiment results: pending -->", "<!-- end pending -->"
-RENDERERS = {"experiment_markdown": experiment_markdown, "readme_safety_table": readme_safety_table}
+RENDERERS = {"experiment_markdown": experiment_markdown, "readme_safety_table": readme_safety_table,
+             "reproduce_table": reproduce_table, "controls_markdown": controls_markdown}
 
 
 def update_readme(readme: str | os.PathLike[str], results_path: str | os.PathLike[str],

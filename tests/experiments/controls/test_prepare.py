@@ -12,6 +12,7 @@ import yaml
 import fastsel.training.loop
 from fastsel.experiments.config import validate_config
 from fastsel.experiments.continual import run_continual
+from fastsel.experiments.report import controls_markdown
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -61,6 +62,9 @@ def test_controls_train_on_their_matched_sets_and_are_reported(tmp_path: Path, m
     for heading in ("Matched designs", "Reversion toward the pretrained weights"):
         assert heading in report
     assert (out / "plots" / "reversion.png").read_bytes()[:4] == b"\x89PNG"
+    page = controls_markdown(results)  # docs/controls.md's generated block
+    for part in ("SMD before", "matched_high - matched_moderate", "topk_cosine ~ lora_norm", "matched_long"):
+        assert part in page
     monkeypatch.setattr(fastsel.training.loop, "train", lambda *a, **k: pytest.fail("trained again"))
     again = run_continual(_config(), out, report=False)
     assert again["controls"] == results["controls"]
