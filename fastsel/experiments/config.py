@@ -163,7 +163,7 @@ class ControlsSpec:
 
     matched: build the matched designs from the task's training rows under the starting model (seed 0): the
     high-norm third against the middle third matched on response length and loss (methods matched_high /
-    matched_moderate), and the short third against the long third matched on the norm (matched_short /
+    matched_moderate), and the shorter half against the longer half matched on the norm (matched_short /
     matched_long); at most max_pairs pairs, |SMD| < max_smd on the matched covariates. reversion: the per-row dot
     and cosine of the gradient with Gamma = pretrained - aligned weights over the full weights of decoder layers
     `layers` (negative: from the end), TopK-Cosine over the top `topk` coordinates; needs alignment.enabled."""

@@ -295,7 +295,7 @@ def plot_margin_curves(results: dict[str, Any], path: Path) -> None:
 def balance_table(designs: dict[str, Any]) -> str:
     """The matched designs' balance: SMD (treated - control) of every covariate before and after matching."""
     what = {"norm": "high-norm third vs middle third, matched on length and loss",
-            "length": "short third vs long third, matched on the norm"}
+            "length": "shorter half vs longer half, matched on the norm"}
     body = [[f"{name} ({what.get(name, '')}; {d['pairs']} pairs)", cov, f"{b['before']:+.3f}", f"{b['after']:+.3f}"]
             for name, d in designs.items() for cov, b in d["balance"].items()]
     return _table(["design", "covariate", "SMD before", "SMD after"], body)

@@ -106,14 +106,21 @@ def thirds(rows: Sequence[Row], key: str) -> tuple[list[Row], list[Row], list[Ro
     return ordered[: n // 3], ordered[n // 3: n - n // 3], ordered[n - n // 3:]
 
 
+def halves(rows: Sequence[Row], key: str) -> tuple[list[Row], list[Row]]:
+    """The rows split by `key` at the median: the lower and the upper half (sorted; ties by input order)."""
+    ordered = sorted(rows, key=lambda r: r[key])
+    return ordered[: len(ordered) // 2], ordered[len(ordered) // 2:]
+
+
 def norm_and_length_designs(rows: Sequence[Row], *, max_pairs: int, max_smd: float = 0.1) -> dict[str, Matched]:
     """The two designs of the confounder controls, from audit rows with `norm`, `answer_tokens` and `loss`:
     - "norm": the upper third by norm (treated) against the middle third (control), matched on response length and
       loss: does the norm matter beyond length and loss?
-    - "length": the lower third by length (treated: short) against the upper third (long), matched on the norm:
-      does length matter at a fixed norm?"""
+    - "length": the shorter half by response length (treated) against the longer half, matched on the norm: does
+      length matter at a fixed norm? Halves, not thirds: on format_mix the short and long thirds' norms barely
+      overlap (3 balanced pairs), the halves' do."""
     _, middle, high = thirds(rows, "norm")
-    short, _, long_ = thirds(rows, "answer_tokens")
+    short, long_ = halves(rows, "answer_tokens")
     covariates = ("norm", "answer_tokens", "loss")
     return {"norm": match_pairs(high, middle, on=("answer_tokens", "loss"), report=covariates,
                                 max_pairs=max_pairs, max_smd=max_smd),
@@ -121,4 +128,4 @@ def norm_and_length_designs(rows: Sequence[Row], *, max_pairs: int, max_smd: flo
                                   max_smd=max_smd)}
 
 
-__all__ = ["Matched", "balance_table", "match_pairs", "norm_and_length_designs", "pooled_sd", "smd", "thirds"]
+__all__ = ["Matched", "balance_table", "halves", "match_pairs", "norm_and_length_designs", "pooled_sd", "smd", "thirds"]
