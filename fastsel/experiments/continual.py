@@ -38,7 +38,7 @@ from fastsel.experiments.config import (
     load_config,
     validate_config,
 )
-from fastsel.experiments.controls.prepare import CONTROL_SETS, controls_summary
+from fastsel.experiments.controls.prepare import CONTROL_SETS, controls_summary, prepare_controls
 from fastsel.experiments.summary import headline, summarize
 from fastsel.selection import strategies
 from fastsel.training.checkpoint import load_trainable_file, save_tensors, trainable_state
@@ -440,11 +440,11 @@ class Runner:
 
     def _norm_audit(self, model: Any, task: str, stage_dir: Path) -> None:
         """Per-example loss and gradient norm of the stage's training rows under the stage's starting model."""
+        import torch
+
         from fastsel.selection.rules import select_indices
 
         out = self.audit_rows(model, task)
-        import torch
-
         tr = self.cfg.training
         selection = select_indices(torch.tensor([r["loss"] for r in out]), torch.tensor([r["norm"] for r in out]),
                                    ratio=tr.ratio, strategy=strategies.DEFAULT, loss_band=tr.loss_band, seed=0)
@@ -546,8 +546,6 @@ class Runner:
         if any(m in REFERENCE_METHODS for m in self.cfg.methods):
             self.anchors()  # the anchor data is read and tokenized before anything trains
         write_json_safe(saved, config)
-        from fastsel.experiments.controls.prepare import prepare_controls
-
         self.controls = prepare_controls(self)
         base_file = self.out / "runs" / "base" / "stage_result.json"
         if base_file.exists():
