@@ -179,7 +179,7 @@ def controls_markdown(results: dict[str, Any]) -> str:
     if "designs" in controls:
         parts += ["Balance (SMD treated - control, over the pools' pooled SD):", "",
                   balance_table(controls["designs"]), "", "After training each matched set (mean [95% CI] per set):",
-                  "", safety_table({"strategies": results.get("strategies", {})}), "",
+                  "", safety_table(results), "",
                   "Paired differences (treated - control, same seeds and prompts / rows):", "",
                   contrast_table(results), ""]
     if "reversion" in controls:
