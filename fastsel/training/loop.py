@@ -265,15 +265,20 @@ def _regularized_backward(batch: dict[str, Tensor], model: nn.Module, cfg: Train
         loss = loss + cfg.kl_coef * kl_to_reference_loss(model, prepared, logits=logits)
     if cfg.ewc_coef > 0:
         loss = loss + cfg.ewc_coef * ewc_penalty(model, cfg.ewc_fisher, cfg.ewc_anchor)
-    if cfg.olora_coef > 0 or cfg.olora_l2 > 0:
+    if _olora_active(cfg):
         loss = loss + olora_penalty(model, cfg.olora_previous, orth_coef=cfg.olora_coef, l2_coef=cfg.olora_l2)
     (loss * scale).backward()
+
+
+def _olora_active(cfg: TrainConfig) -> bool:
+    """O-LoRA adds a term: an orthogonality weight with earlier tasks' subspaces, or an L2 weight."""
+    return (cfg.olora_coef > 0 and bool(cfg.olora_previous)) or cfg.olora_l2 > 0
 
 
 def regularized(cfg: TrainConfig) -> bool:
     """Whether the step's loss has a regularizer term (KL, EWC, O-LoRA): then the kept rows get a backward of
     their own (`_regularized_backward`) after the selection."""
-    return cfg.kl_coef > 0 or cfg.ewc_coef > 0 or cfg.olora_coef > 0 or cfg.olora_l2 > 0
+    return cfg.kl_coef > 0 or cfg.ewc_coef > 0 or _olora_active(cfg)
 
 
 def use_packing(cfg: TrainConfig, model: nn.Module, dataset: Sequence[Mapping[str, Any]]) -> bool:
