@@ -36,7 +36,17 @@ from .gram_norm import gram_launch
 from .grouped import _repeat_segments
 from .launch import Launch, site_args
 from .linear_norm import _check_inputs, _native_dot, _prepare_ranges, instantiate_setup, outer_launch
-from .reference import PACKED_SPANS, Case, compare, example_grads, grad_dots, grad_sq_norms, ops, padded_spans
+from .reference import (
+    PACKED_SPANS,
+    PADDED_BOUNDS,
+    Case,
+    compare,
+    example_grads,
+    grad_dots,
+    grad_sq_norms,
+    ops,
+    padded_spans,
+)
 from .spec import AotSite, KernelSpec
 from .token_range import dot_acc, load_tile, segment_range
 
@@ -272,10 +282,9 @@ def grouped_linear_sq_norms_dots(xs: Sequence[Tensor], deltas: Sequence[Tensor],
 
 
 # ------------------------------------------------------------------ self-test cases and the specs of this file
-_BOUNDS = ((0, 21), (4, 21), (0, 13))
 
 
-def _where(case: Case, packed: bool, bounds: tuple[tuple[int, int], ...] = _BOUNDS) -> tuple[dict, list]:
+def _where(case: Case, packed: bool, bounds: tuple[tuple[int, int], ...] = PADDED_BOUNDS) -> tuple[dict, list]:
     """(the launcher's keyword arguments saying which tokens form which example, the examples as spans)."""
     if packed:
         return dict(segments=case.segments(), max_length=21), list(PACKED_SPANS)

@@ -39,6 +39,7 @@ from .gram_norm import gram_launch
 from .launch import Launch, site_args
 from .reference import (
     PACKED_SPANS,
+    PADDED_BOUNDS,
     Case,
     KernelMismatch,
     compare,
@@ -343,15 +344,14 @@ def linear_sq_norms(
 
 
 # ------------------------------------------------------------------ self-test cases and the specs of this file
-_BOUNDS = ((0, 21), (4, 21), (0, 13))  # one example per row: a full row, a left-padded and a right-padded one
 
 
 def _check_instantiate(case: Case) -> None:
     """Instantiate form, both LoRA orientations (small side m, then small side n), several tiles, ranges."""
     for i, (n, m) in enumerate(((150, 5), (5, 150))):
         x, d = case.inputs(3, 21, n, m, seed=i)
-        got, _ = ops().linear_sq_norms(x, d, method="instantiate", valid_range=case.ranges(_BOUNDS))
-        compare(f"instantiate n={n} m={m}", got, grad_sq_norms(example_grads(x, d, padded_spans(_BOUNDS))))
+        got, _ = ops().linear_sq_norms(x, d, method="instantiate", valid_range=case.ranges(PADDED_BOUNDS))
+        compare(f"instantiate n={n} m={m}", got, grad_sq_norms(example_grads(x, d, padded_spans(PADDED_BOUNDS))))
 
 
 def _check_outer(case: Case) -> None:
@@ -367,9 +367,9 @@ def _check_write_grads(case: Case, packed: bool = False) -> None:
     name = "segment_write_grads" if packed else "write_grads"
     x, d = case.inputs(3, 21, 33, 6, seed=24 if packed else 4)
     where = (dict(segments=case.segments(), max_length=21) if packed
-             else dict(valid_range=case.ranges(_BOUNDS)))
+             else dict(valid_range=case.ranges(PADDED_BOUNDS)))
     norms, grads = ops().linear_sq_norms(x, d, method="instantiate", write_grads=True, **where)
-    ref = example_grads(x, d, PACKED_SPANS if packed else padded_spans(_BOUNDS))
+    ref = example_grads(x, d, PACKED_SPANS if packed else padded_spans(PADDED_BOUNDS))
     if grads is None:
         raise KernelMismatch(f"{name}: no gradients returned")
     compare(f"{name} gradients", grads, ref)

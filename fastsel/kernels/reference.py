@@ -21,6 +21,8 @@ RTOL = 1e-3  # fp32 summation order moves the last bits (~1e-6); a wrong tile or
 
 Span = tuple[int, int, int]  # (row, start, end): one example's tokens
 
+# one example per row: a full row, a left-padded and a right-padded one ([start, end) of 21 tokens)
+PADDED_BOUNDS: tuple[tuple[int, int], ...] = ((0, 21), (4, 21), (0, 13))
 # packed rows (several examples per row, trailing padding, a 1-token and a 2-token sequence)
 PACKED_SPANS: tuple[Span, ...] = ((0, 0, 7), (0, 7, 8), (0, 8, 21), (1, 0, 2), (1, 2, 15), (2, 0, 21))
 
@@ -109,5 +111,5 @@ def compare(what: str, got: Tensor, ref: Tensor, rtol: float = RTOL) -> None:
         raise KernelMismatch(f"{what}: max relative error {rel:.2e} > {rtol:.0e} against the torch reference")
 
 
-__all__ = ["PACKED_SPANS", "RTOL", "Case", "KernelMismatch", "compare", "example_grads", "exact_fp32", "grad_dots",
+__all__ = ["PACKED_SPANS", "PADDED_BOUNDS", "RTOL", "Case", "KernelMismatch", "compare", "example_grads", "exact_fp32", "grad_dots",
            "grad_sq_norms", "ops", "padded_spans"]
