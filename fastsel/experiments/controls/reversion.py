@@ -52,9 +52,9 @@ def top_k_mask(gamma: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Boolean masks (per weight) of the k coordinates of largest |Gamma| over all the weights together."""
     flat = torch.cat([g.flatten().abs() for g in gamma.values()])
     k = min(k, flat.numel())
-    threshold_index = torch.topk(flat, k).indices
+    top = torch.topk(flat, k).indices
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[threshold_index] = True
+    mask[top] = True
     out, start = {}, 0
     for name, g in gamma.items():
         out[name] = mask[start:start + g.numel()].view_as(g)
