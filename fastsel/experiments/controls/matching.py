@@ -13,6 +13,7 @@ before and after are on one scale.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +21,9 @@ from typing import Any
 Row = Mapping[str, Any]
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _var(values: Sequence[float]) -> float:
-    m = _mean(values)
-    return sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)
+    """The sample variance; 0 for a single value."""
+    return statistics.variance(values) if len(values) > 1 else 0.0
 
 
 def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
@@ -38,7 +35,7 @@ def smd(a: Sequence[float], b: Sequence[float], scale: float | None = None) -> f
     """Standardized mean difference (mean a - mean b) / scale (default: the pooled SD of a and b); 0 when the
     scale is 0."""
     scale = pooled_sd(a, b) if scale is None else scale
-    return 0.0 if scale == 0 else (_mean(a) - _mean(b)) / scale
+    return 0.0 if scale == 0 else (statistics.fmean(a) - statistics.fmean(b)) / scale
 
 
 @dataclass(frozen=True)
